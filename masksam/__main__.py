@@ -1,0 +1,5 @@
+import sys
+
+from masksam.cli import main
+
+sys.exit(main())
