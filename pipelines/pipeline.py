@@ -1,0 +1,191 @@
+"""The MaskSAM Kubeflow pipeline: data -> validate -> preprocess -> train -> evaluate -> export
+-> register, the same DAG as dvc.yaml, each step a `masksam` verb in the project image.
+
+``build_pipeline`` returns the pipeline function for one image / secret / training mode (the
+image and the secret are fixed at compile time, as KFP requires); ``compile_pipeline`` writes
+the IR YAML. Resources: training asks for ``accelerator_count`` x ``accelerator_type`` (both
+pipeline parameters); every other step has CPU and memory limits. The data steps retry
+(network, object store). Caching is on except where a rerun must do the work again: importing
+a moving git revision and registering a model.
+"""
+
+# (no `from __future__ import annotations`: kfp reads the pipeline signature at runtime)
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from kfp import compiler, dsl, kubernetes
+
+from masksam.errors import UserError
+from masksam.pipelines.components import DEFAULT_IMAGE, make_components
+
+PIPELINE_NAME = "masksam"
+# Keys of the MLflow secret, each exposed as the environment variable of the same name.
+DEFAULT_SECRET_KEYS = ("MLFLOW_TRACKING_URI",)
+# CPU / memory limits of the CPU steps (Kubernetes quantities).
+CPU_RESOURCES = {
+    "phantom-data": ("2", "8Gi"),
+    "import-data": ("2", "8Gi"),
+    "validate-data": ("2", "8Gi"),
+    "preprocess": ("4", "32Gi"),
+    "evaluate": ("4", "32Gi"),
+    "export": ("4", "16Gi"),
+    "register": ("1", "4Gi"),
+    "train-trainjob": ("1", "2Gi"),
+}
+TRAIN_RESOURCES = ("8", "64Gi")
+DATA_RETRIES = 3
+TRAINJOB_MOUNT = "/mnt/masksam"
+
+
+@dataclass(frozen=True)
+class TrainJobOptions:
+    """Training as a Kubeflow Trainer TrainJob: the shared volume and the runtime to use."""
+
+    pvc_name: str
+    runtime: str = "torch-distributed"
+
+
+def default_params_text(path: str | os.PathLike = "params.yaml") -> str:
+    """The params.yaml compiled into the pipeline as the ``params_yaml`` default."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"parameters file not found: {path} (run from the project root or pass --params)")
+    return path.read_text()
+
+
+def _limits(task: dsl.PipelineTask, name: str) -> None:
+    cpu, memory = CPU_RESOURCES[name]
+    task.set_cpu_limit(cpu).set_memory_limit(memory)
+
+
+def build_pipeline(
+    image: str = DEFAULT_IMAGE,
+    params_text: str | None = None,
+    mlflow_secret: str | None = None,
+    mlflow_secret_keys: Sequence[str] = DEFAULT_SECRET_KEYS,
+    trainjob: TrainJobOptions | None = None,
+) -> Callable:
+    """The pipeline function (decorated with ``dsl.pipeline``) for these compile-time choices.
+
+    ``params_text`` is the params.yaml the run uses unless the ``params_yaml`` parameter is
+    given; ``overrides`` (JSON of ``section.key: value``) adjusts it per run. ``mlflow_secret``
+    names a Kubernetes Secret whose keys become the MLflow environment of the steps that talk
+    to MLflow; without it they inherit the tracking URI from the environment.
+    """
+    c = make_components(image)
+    params_default = params_text if params_text is not None else default_params_text()
+    keys = list(mlflow_secret_keys)
+
+    def with_mlflow(task: dsl.PipelineTask) -> dsl.PipelineTask:
+        if mlflow_secret:
+            kubernetes.use_secret_as_env(task, secret_name=mlflow_secret,
+                                         secret_key_to_env={k: k for k in keys})
+        return task
+
+    def dag(params_yaml, overrides, data_repo_url, data_rev, data_path, make_train):
+        with dsl.If(data_repo_url == "", name="phantom-dataset"):
+            phantom = c.phantom_data(params_yaml=params_yaml, overrides=overrides)
+            phantom.set_retry(DATA_RETRIES, backoff_duration="30s")
+            phantom.set_caching_options(True)
+            _limits(phantom, "phantom-data")
+        with dsl.Else(name="dvc-dataset"):
+            imported = c.import_data(repo_url=data_repo_url, rev=data_rev, path=data_path)
+            imported.set_retry(DATA_RETRIES, backoff_duration="30s")
+            # a branch name moves: always fetch again, the hash in the metadata tells what came
+            imported.set_caching_options(False)
+            _limits(imported, "import-data")
+        raw = dsl.OneOf(phantom.outputs["dataset"], imported.outputs["dataset"])
+
+        validate = c.validate_data(raw=raw)
+        validate.set_retry(DATA_RETRIES, backoff_duration="30s").set_caching_options(True)
+        _limits(validate, "validate-data")
+
+        prep = c.preprocess(raw=raw, params_yaml=params_yaml, overrides=overrides).after(validate)
+        prep.set_caching_options(True)
+        _limits(prep, "preprocess")
+
+        trained = with_mlflow(make_train(prep.outputs["preprocessed"]))
+        trained.set_caching_options(True)
+
+        ev = c.evaluate(model=trained.outputs["model"], data=prep.outputs["preprocessed"],
+                        params_yaml=params_yaml, overrides=overrides)
+        with_mlflow(ev).set_caching_options(True)
+        _limits(ev, "evaluate")
+
+        ex = c.export(model=trained.outputs["model"], params_yaml=params_yaml, overrides=overrides)
+        with_mlflow(ex).set_caching_options(True)
+        _limits(ex, "export")
+
+        reg = c.register(model=trained.outputs["model"], onnx_model=ex.outputs["onnx_model"],
+                         params_yaml=params_yaml, overrides=overrides).after(ev)
+        with_mlflow(reg).set_caching_options(False)
+        _limits(reg, "register")
+
+    if trainjob is None:
+        @dsl.pipeline(name=PIPELINE_NAME, description=__doc__.splitlines()[0])
+        def masksam_pipeline(
+            params_yaml: str = params_default,
+            overrides: str = "{}",
+            data_repo_url: str = "",
+            data_rev: str = "",
+            data_path: str = "data/raw",
+            accelerator_type: str = "nvidia.com/gpu",
+            accelerator_count: int = 1,
+        ):
+            def make_train(data):
+                task = c.train(data=data, params_yaml=params_yaml, overrides=overrides)
+                task.set_cpu_limit(TRAIN_RESOURCES[0]).set_memory_limit(TRAIN_RESOURCES[1])
+                task.set_accelerator_type(accelerator_type).set_accelerator_limit(accelerator_count)
+                return task
+
+            dag(params_yaml, overrides, data_repo_url, data_rev, data_path, make_train)
+
+        return masksam_pipeline
+
+    @dsl.pipeline(name=PIPELINE_NAME, description=__doc__.splitlines()[0] + " (training as a TrainJob)")
+    def masksam_trainjob_pipeline(
+        params_yaml: str = params_default,
+        overrides: str = "{}",
+        data_repo_url: str = "",
+        data_rev: str = "",
+        data_path: str = "data/raw",
+        num_nodes: int = 1,
+        gpus_per_node: int = 1,
+    ):
+        def make_train(data):
+            task = c.train_trainjob(
+                data=data, params_yaml=params_yaml, overrides=overrides, image=image,
+                num_nodes=num_nodes, gpus_per_node=gpus_per_node, pvc_name=trainjob.pvc_name,
+                runtime=trainjob.runtime, mlflow_secret=mlflow_secret or "",
+                mlflow_secret_keys=",".join(keys),
+            )
+            _limits(task, "train-trainjob")
+            kubernetes.mount_pvc(task, pvc_name=trainjob.pvc_name, mount_path=TRAINJOB_MOUNT)
+            return task
+
+        dag(params_yaml, overrides, data_repo_url, data_rev, data_path, make_train)
+
+    return masksam_trainjob_pipeline
+
+
+def compile_pipeline(
+    out: str | os.PathLike = "pipeline.yaml",
+    image: str = DEFAULT_IMAGE,
+    params_path: str | os.PathLike = "params.yaml",
+    mlflow_secret: str | None = None,
+    mlflow_secret_keys: Sequence[str] = DEFAULT_SECRET_KEYS,
+    trainjob: TrainJobOptions | None = None,
+) -> Path:
+    """Compile the pipeline to KFP IR YAML at ``out`` (written atomically)."""
+    from masksam.components._io import atomic_path
+
+    func = build_pipeline(image=image, params_text=default_params_text(params_path),
+                          mlflow_secret=mlflow_secret, mlflow_secret_keys=mlflow_secret_keys,
+                          trainjob=trainjob)
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        compiler.Compiler().compile(func, package_path=str(tmp))  # tmp keeps the .yaml suffix
+    return out

@@ -1,0 +1,295 @@
+"""What each Kubeflow task runs inside the project image: a `masksam` verb, then its report.
+
+The kfp component bodies (``pipelines/components.py``) are thin: they import this module (the
+image has the project installed) and call one function here. Each function runs the step
+through the ``masksam`` command line, in-process, so the pipeline depends only on the verbs'
+options, exactly as ``dvc.yaml`` does, and then turns the step's output files into what the
+Kubeflow UI shows: artifact metadata, scalar metrics and a Markdown/HTML report.
+
+Parameters reach the verbs the way they do under DVC: a ``params.yaml`` (the one the pipeline
+was compiled with, carried as a pipeline parameter) with dotted-key overrides applied, written
+to a temporary file and passed as ``--params``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from contextlib import redirect_stdout
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from masksam.errors import UserError
+from masksam.pipelines import reports
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# parameters
+
+
+def parse_overrides(overrides: str | dict | None) -> dict[str, Any]:
+    """Dotted-key overrides (``{"train.steps": 2}``) from a JSON string or dict."""
+    if not overrides:
+        return {}
+    if isinstance(overrides, dict):
+        return dict(overrides)
+    try:
+        value = json.loads(overrides)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"pipeline parameter 'overrides' is not valid JSON ({exc}): {overrides!r}") from exc
+    if not isinstance(value, dict):
+        raise UserError(f"pipeline parameter 'overrides' must be a JSON object of section.key: value, got {overrides!r}")
+    return value
+
+
+def apply_overrides(params: dict, overrides: dict[str, Any]) -> dict:
+    """Return a copy of ``params`` with each ``section.key[.sub]`` set; unknown sections fail."""
+    merged = json.loads(json.dumps(params))
+    for dotted, value in overrides.items():
+        keys = dotted.split(".")
+        if len(keys) < 2 or not all(keys):
+            raise UserError(f"override {dotted!r}: expected section.key (e.g. train.steps)")
+        if keys[0] not in merged:
+            raise UserError(
+                f"override {dotted!r}: params.yaml has no '{keys[0]}:' section "
+                f"(sections: {', '.join(sorted(merged))})"
+            )
+        node = merged
+        for key in keys[:-1]:
+            if node.get(key) is None:
+                node[key] = {}
+            if not isinstance(node[key], dict):
+                raise UserError(f"override {dotted!r}: {key} is not a mapping in params.yaml")
+            node = node[key]
+        node[keys[-1]] = value
+    return merged
+
+
+def parse_set_options(items: Sequence[str]) -> dict[str, Any]:
+    """``["train.steps=2", "data.size=[32,32,8]"]`` -> dict; values are parsed as YAML scalars."""
+    result: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set {item!r}: expected section.key=value (e.g. train.steps=2)")
+        result[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+    return result
+
+
+def write_params(params_yaml: str, overrides: str | dict | None, directory: str | os.PathLike) -> Path:
+    """Write the effective params.yaml (compiled-in text plus overrides) into ``directory``."""
+    try:
+        params = yaml.safe_load(params_yaml) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"pipeline parameter 'params_yaml' is not valid YAML: {exc}") from exc
+    if not isinstance(params, dict):
+        raise UserError("pipeline parameter 'params_yaml' must hold a YAML mapping (a params.yaml)")
+    params = apply_overrides(params, parse_overrides(overrides))
+    path = Path(directory) / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# running verbs
+
+
+def run_verb(argv: Sequence[str]) -> str:
+    """Run ``masksam ARGV`` in this process; return what it printed; a failure raises.
+
+    The output is echoed as well, so the step's log in the KFP UI shows it.
+    """
+    from masksam.cli import main
+
+    argv = [str(a) for a in argv]
+    log.info("masksam %s", " ".join(argv))
+    buffer = io.StringIO()
+    with redirect_stdout(buffer):
+        rc = main(argv)
+    printed = buffer.getvalue()
+    print(printed, end="")
+    if rc:
+        raise RuntimeError(f"`masksam {' '.join(argv)}` failed with exit status {rc} (its message is above)")
+    return printed
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def scalar_metrics(data: Any, prefix: str = "") -> dict[str, float]:
+    """Flatten the finite numbers of a JSON-like dict into ``a.b.c -> float`` (bools excluded)."""
+    out: dict[str, float] = {}
+    if isinstance(data, dict):
+        for key, value in data.items():
+            out.update(scalar_metrics(value, f"{prefix}{key}."))
+    elif isinstance(data, (int, float)) and not isinstance(data, bool) and math.isfinite(data):
+        out[prefix.rstrip(".")] = float(data)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def dataset_identity(raw_dir: str | os.PathLike) -> dict[str, Any]:
+    """Metadata naming a raw dataset: its manifest hash, file count and labels."""
+    raw = Path(raw_dir)
+    manifest = _read_json(raw / "manifest.json")
+    if manifest is None:
+        raise UserError(f"{raw}/manifest.json missing: the data step must write the manifest")
+    meta = _read_json(raw / "dataset.json") or {}
+    return {
+        "dataset_sha256": manifest["dataset_sha256"],
+        "num_files": manifest.get("num_files"),
+        "num_training": meta.get("numTraining"),
+        "labels": meta.get("labels"),
+        "name": meta.get("name"),
+    }
+
+
+def phantom_data(out_dir: str, params_yaml: str, overrides: str) -> dict[str, Any]:
+    """Generate the phantom dataset into ``out_dir`` and write its manifest."""
+    with tempfile.TemporaryDirectory() as tmp:
+        params = write_params(params_yaml, overrides, tmp)
+        run_verb(["data", "phantom", "--params", params, "--out", out_dir])
+    run_verb(["data", "manifest", out_dir])
+    return {"source": "phantom", **dataset_identity(out_dir)}
+
+
+def fetch_dvc_dataset(repo_url: str, rev: str, path: str, out_dir: str | os.PathLike) -> str:
+    """Materialise the DVC-tracked folder ``path`` of ``repo_url`` at ``rev``; return the commit.
+
+    Uses ``dvc.api.DVCFileSystem`` (what ``dvc get`` uses): files come from the repository's
+    DVC remote, or its cache for a local repository. ``rev`` empty means the default branch;
+    the commit it resolved to is returned so the run records exactly what it trained on.
+    """
+    from dvc.api import DVCFileSystem
+
+    out = Path(out_dir)
+    try:
+        fs = DVCFileSystem(repo_url, rev=rev or None)
+    except Exception as exc:  # dvc raises many types for bad URLs / revisions
+        raise UserError(f"cannot open DVC repository {repo_url!r} at revision {rev or 'HEAD'!r}: {exc}") from exc
+    try:
+        commit = fs.repo.get_rev()
+        if not fs.exists(path):
+            raise UserError(f"{repo_url}@{rev or 'HEAD'}: no path {path!r} (give the DVC-tracked raw dataset folder)")
+        if out.exists():
+            shutil.rmtree(out)
+        fs.get(path.rstrip("/") + "/", str(out), recursive=True)
+    finally:
+        fs.close()
+    if not (out / "dataset.json").is_file():
+        raise UserError(f"{repo_url}@{commit[:12]}:{path} has no dataset.json: it is not an nnU-Net raw dataset folder")
+    return commit
+
+
+def import_data(out_dir: str, repo_url: str, rev: str, path: str) -> dict[str, Any]:
+    """Fetch the user's DVC-tracked raw dataset, (re)write its manifest, return its identity."""
+    commit = fetch_dvc_dataset(repo_url, rev, path, out_dir)
+    run_verb(["data", "manifest", out_dir])
+    return {"source": "dvc", "repo_url": repo_url, "rev": rev or "HEAD", "commit": commit, "path": path,
+            **dataset_identity(out_dir)}
+
+
+def validate_data(raw_dir: str, report_path: str) -> dict[str, Any]:
+    """Validate the raw dataset (a failure stops the pipeline); write its Markdown report."""
+    text = run_verb(["data", "validate", raw_dir])
+    identity = dataset_identity(raw_dir)
+    md = [
+        "# Dataset validation",
+        "",
+        f"dataset sha256 `{identity['dataset_sha256']}`, {identity['num_training']} training cases",
+        "",
+        markdown_labels(identity.get("labels") or {}),
+        "",
+        "```",
+        text.strip(),
+        "```",
+    ]
+    Path(report_path).write_text("\n".join(md) + "\n")
+    return identity
+
+
+def markdown_labels(labels: dict[str, int]) -> str:
+    """The label table of dataset.json."""
+    return reports.markdown_table(["label", "value"], sorted(labels.items(), key=lambda kv: kv[1]))
+
+
+# ---------------------------------------------------------------------------------------------
+# preprocess / train / evaluate / export / register
+
+
+def preprocess(raw_dir: str, out_dir: str, params_yaml: str, overrides: str, report_path: str) -> dict[str, Any]:
+    """Preprocess the raw dataset into ``out_dir``; report the plan."""
+    with tempfile.TemporaryDirectory() as tmp:
+        params = write_params(params_yaml, overrides, tmp)
+        run_verb(["preprocess", "--params", params, "--raw", raw_dir, "--out", out_dir])
+    plan = _read_json(Path(out_dir) / "plan.json") or {}
+    splits = _read_json(Path(out_dir) / "splits.json") or {}
+    rows = [(k, json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in plan.items()
+            if k in ("target_spacing_xyz", "target_spacing", "orientation", "normalization", "normalisation")]
+    md = ["# Preprocessing plan", "", reports.markdown_table(["setting", "value"], rows), "",
+          f"folds: {len(splits.get('folds', []))}, test cases: {len(splits.get('test', []))}"]
+    Path(report_path).write_text("\n".join(md) + "\n")
+    return {"num_cases": len(list((Path(out_dir) / "cases").glob("*.npz")))}
+
+
+def train(data_dir: str, out_dir: str, params_yaml: str, overrides: str, report_path: str) -> dict[str, float]:
+    """Train on the preprocessed dataset; return the summary's numbers; report the curve."""
+    with tempfile.TemporaryDirectory() as tmp:
+        params = write_params(params_yaml, overrides, tmp)
+        run_verb(["train", "--params", params, "--data", data_dir, "--out", out_dir])
+    summary = _read_json(Path(out_dir) / "train_summary.json") or {}
+    parts = [reports.html_table(["key", "value"], [(k, v) for k, v in summary.items() if not isinstance(v, (dict, list))])]
+    curve = Path(out_dir) / "learning_curve.png"
+    if curve.is_file():
+        parts.append(reports.html_image(curve, "learning curve"))
+    Path(report_path).write_text(reports.html_page("Training", parts))
+    return summary
+
+
+def evaluate(model_dir: str, data_dir: str, out_dir: str, params_yaml: str, overrides: str,
+             report_path: str) -> dict[str, Any]:
+    """Evaluate the trained model on the held-out cases; report per-class Dice with its plot."""
+    with tempfile.TemporaryDirectory() as tmp:
+        params = write_params(params_yaml, overrides, tmp)
+        run_verb(["evaluate", "--params", params, "--model", model_dir, "--data", data_dir, "--out", out_dir])
+    summary = _read_json(Path(out_dir) / "summary.json") or {}
+    parts = []
+    per_class = summary.get("per_class") or {}
+    if per_class:
+        metric_names = sorted({m for v in per_class.values() for m in v})
+        rows = [[name, *[v.get(m, "") for m in metric_names]] for name, v in per_class.items()]
+        parts.append(reports.html_table(["class", *metric_names], rows))
+    for png in sorted(Path(out_dir).glob("*.png")):
+        parts.append(reports.html_image(png, png.stem))
+    Path(report_path).write_text(reports.html_page("Evaluation", parts))
+    return summary
+
+
+def export(model_dir: str, out_dir: str, params_yaml: str, overrides: str) -> dict[str, Any]:
+    """Export the trained model to ONNX (with its parity check)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        params = write_params(params_yaml, overrides, tmp)
+        run_verb(["export", "--params", params, "--model", model_dir, "--out", out_dir])
+    return _read_json(Path(out_dir) / "export_summary.json") or {}
+
+
+def register(model_dir: str, onnx_dir: str, params_yaml: str, overrides: str, report_path: str) -> dict[str, Any]:
+    """Register the trained model (and its ONNX export) in MLflow under the name and alias."""
+    with tempfile.TemporaryDirectory() as tmp:
+        params = write_params(params_yaml, overrides, tmp)
+        text = run_verb(["register", "--params", params, "--model", model_dir, "--onnx", onnx_dir])
+    Path(report_path).write_text("# Model registry\n\n```\n" + text.strip() + "\n```\n")
+    return {"model_uri": text.strip().splitlines()[-1] if text.strip() else ""}
