@@ -245,17 +245,31 @@ def preprocess(raw_dir: str, out_dir: str, params_yaml: str, overrides: str, rep
     return {"num_cases": len(list((Path(out_dir) / "cases").glob("*.npz")))}
 
 
-def train(data_dir: str, out_dir: str, params_yaml: str, overrides: str, report_path: str) -> dict[str, float]:
-    """Train on the preprocessed dataset; return the summary's numbers; report the curve."""
+def read_train_summary(model_dir: str | os.PathLike) -> dict[str, Any]:
+    """``train_summary.json`` of a checkpoint directory; missing means training did not finish."""
+    summary = _read_json(Path(model_dir) / "train_summary.json")
+    if summary is None:
+        raise RuntimeError(f"{model_dir}/train_summary.json missing: training did not finish")
+    return summary
+
+
+def train_report_html(model_dir: str | os.PathLike, summary: dict[str, Any]) -> str:
+    """The training page: summary table and learning curve."""
+    rows = [(k, v) for k, v in summary.items() if not isinstance(v, (dict, list))]
+    parts = [reports.html_table(["key", "value"], rows)]
+    curve = Path(model_dir) / "learning_curve.png"
+    if curve.is_file():
+        parts.append(reports.html_image(curve, "learning curve"))
+    return reports.html_page("Training", parts)
+
+
+def train(data_dir: str, out_dir: str, params_yaml: str, overrides: str, report_path: str) -> dict[str, Any]:
+    """Train on the preprocessed dataset; return the summary; report the curve."""
     with tempfile.TemporaryDirectory() as tmp:
         params = write_params(params_yaml, overrides, tmp)
         run_verb(["train", "--params", params, "--data", data_dir, "--out", out_dir])
-    summary = _read_json(Path(out_dir) / "train_summary.json") or {}
-    parts = [reports.html_table(["key", "value"], [(k, v) for k, v in summary.items() if not isinstance(v, (dict, list))])]
-    curve = Path(out_dir) / "learning_curve.png"
-    if curve.is_file():
-        parts.append(reports.html_image(curve, "learning curve"))
-    Path(report_path).write_text(reports.html_page("Training", parts))
+    summary = read_train_summary(out_dir)
+    Path(report_path).write_text(train_report_html(out_dir, summary))
     return summary
 
 
