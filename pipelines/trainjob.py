@@ -311,6 +311,8 @@ def run_trainjob_step(
     report_path: str,
     workspace: str = "/mnt/masksam",
     api: Any = None,
+    poll_s: float = 30.0,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> dict[str, Any]:
     """The pipeline's train task in TrainJob mode: stage data on the PVC, run the job, collect the model."""
     from masksam.pipelines import steps
@@ -325,7 +327,7 @@ def run_trainjob_step(
         mount_path=workspace, mlflow_secret=mlflow_secret or None,
         mlflow_secret_keys=[k for k in mlflow_secret_keys.split(",") if k],
     )
-    create_and_wait(manifest, api=api)
+    create_and_wait(manifest, api=api, poll_s=poll_s, sleep=sleep)
     shutil.copytree(staged_out, model_dir)
     summary = steps.read_train_summary(model_dir)
     summary["trainjob"] = manifest["metadata"]["name"]
