@@ -48,19 +48,19 @@ def preprocess(raw: Input[Dataset], params_yaml: str, overrides: str,
     preprocessed.metadata["dataset_sha256"] = raw.metadata.get("dataset_sha256")
 
 
-def train(data: Input[Dataset], params_yaml: str, overrides: str,
+def train(data: Input[Dataset], raw: Input[Dataset], params_yaml: str, overrides: str,
           model: Output[Model], metrics: Output[Metrics], report: Output[HTML]):
     """Train MaskSAM on one node (the GPU the task was given); log to MLflow."""
     from masksam.pipelines import steps
 
-    summary = steps.train(data.path, model.path, params_yaml, overrides, report.path)
+    summary = steps.train(data.path, raw.path, model.path, params_yaml, overrides, report.path)
     for name, value in steps.scalar_metrics(summary).items():
         metrics.log_metric(name, value)
     model.metadata.update({k: v for k, v in summary.items() if isinstance(v, (str, int, float, bool))})
     model.metadata["framework"] = "pytorch"
 
 
-def train_trainjob(data: Input[Dataset], params_yaml: str, overrides: str, image: str,
+def train_trainjob(data: Input[Dataset], raw: Input[Dataset], params_yaml: str, overrides: str, image: str,
                    num_nodes: int, gpus_per_node: int, pvc_name: str, runtime: str,
                    mlflow_secret: str, mlflow_secret_keys: str,
                    model: Output[Model], metrics: Output[Metrics], report: Output[HTML]):
@@ -68,7 +68,7 @@ def train_trainjob(data: Input[Dataset], params_yaml: str, overrides: str, image
     from masksam.pipelines import steps, trainjob
 
     summary = trainjob.run_trainjob_step(
-        data_dir=data.path, model_dir=model.path, params_yaml=params_yaml, overrides=overrides,
+        data_dir=data.path, raw_dir=raw.path, model_dir=model.path, params_yaml=params_yaml, overrides=overrides,
         image=image, num_nodes=num_nodes, gpus_per_node=gpus_per_node, pvc_name=pvc_name,
         runtime=runtime, mlflow_secret=mlflow_secret, mlflow_secret_keys=mlflow_secret_keys,
         report_path=report.path,
@@ -79,23 +79,27 @@ def train_trainjob(data: Input[Dataset], params_yaml: str, overrides: str, image
     model.metadata["framework"] = "pytorch"
 
 
-def evaluate(model: Input[Model], data: Input[Dataset], params_yaml: str, overrides: str,
+def evaluate(model: Input[Model], data: Input[Dataset], raw: Input[Dataset],
              evaluation: Output[Dataset], metrics: Output[Metrics], report: Output[HTML]):
-    """Evaluate on the held-out cases: per-class Dice/NSD table and plot."""
+    """Predict and score the held-out test cases: per-class Dice/HD95/NSD table and plots."""
     from masksam.pipelines import steps
 
-    summary = steps.evaluate(model.path, data.path, evaluation.path, params_yaml, overrides, report.path)
-    for name, value in steps.scalar_metrics(summary.get("mean", summary)).items():
-        metrics.log_metric(name, value)
+    summary = steps.evaluate(model.path, data.path, raw.path, evaluation.path, report.path)
+    names = summary.get("labels", {})
+    for label, values in summary.get("mean", {}).items():
+        for metric, value in steps.scalar_metrics(values).items():
+            metrics.log_metric(f"{metric}.{names.get(label, label)}", value)
+    for metric, value in steps.scalar_metrics(summary.get("foreground_mean", {})).items():
+        metrics.log_metric(f"{metric}.foreground_mean", value)
 
 
-def export(model: Input[Model], params_yaml: str, overrides: str,
+def export(model: Input[Model], data: Input[Dataset], params_yaml: str, overrides: str,
            onnx_model: Output[Model], metrics: Output[Metrics]):
     """Export to ONNX and check it against PyTorch."""
     from masksam.pipelines import steps
 
-    summary = steps.export(model.path, onnx_model.path, params_yaml, overrides)
-    for name, value in steps.scalar_metrics(summary).items():
+    summary = steps.export(model.path, data.path, onnx_model.path, params_yaml, overrides)
+    for name, value in steps.scalar_metrics(summary.get("parity", summary)).items():
         metrics.log_metric(name, value)
     onnx_model.metadata["framework"] = "onnx"
 

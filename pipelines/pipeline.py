@@ -107,15 +107,15 @@ def build_pipeline(
         prep.set_caching_options(True)
         _limits(prep, "preprocess")
 
-        trained = with_mlflow(make_train(prep.outputs["preprocessed"]))
+        trained = with_mlflow(make_train(prep.outputs["preprocessed"], raw))
         trained.set_caching_options(True)
 
-        ev = c.evaluate(model=trained.outputs["model"], data=prep.outputs["preprocessed"],
-                        params_yaml=params_yaml, overrides=overrides)
+        ev = c.evaluate(model=trained.outputs["model"], data=prep.outputs["preprocessed"], raw=raw)
         with_mlflow(ev).set_caching_options(True)
         _limits(ev, "evaluate")
 
-        ex = c.export(model=trained.outputs["model"], params_yaml=params_yaml, overrides=overrides)
+        ex = c.export(model=trained.outputs["model"], data=prep.outputs["preprocessed"],
+                      params_yaml=params_yaml, overrides=overrides)
         with_mlflow(ex).set_caching_options(True)
         _limits(ex, "export")
 
@@ -135,8 +135,8 @@ def build_pipeline(
             accelerator_type: str = "nvidia.com/gpu",
             accelerator_count: int = 1,
         ):
-            def make_train(data):
-                task = c.train(data=data, params_yaml=params_yaml, overrides=overrides)
+            def make_train(data, raw):
+                task = c.train(data=data, raw=raw, params_yaml=params_yaml, overrides=overrides)
                 task.set_cpu_limit(TRAIN_RESOURCES[0]).set_memory_limit(TRAIN_RESOURCES[1])
                 task.set_accelerator_type(accelerator_type).set_accelerator_limit(accelerator_count)
                 return task
@@ -155,9 +155,9 @@ def build_pipeline(
         num_nodes: int = 1,
         gpus_per_node: int = 1,
     ):
-        def make_train(data):
+        def make_train(data, raw):
             task = c.train_trainjob(
-                data=data, params_yaml=params_yaml, overrides=overrides, image=image,
+                data=data, raw=raw, params_yaml=params_yaml, overrides=overrides, image=image,
                 num_nodes=num_nodes, gpus_per_node=gpus_per_node, pvc_name=trainjob.pvc_name,
                 runtime=trainjob.runtime, mlflow_secret=mlflow_secret or "",
                 mlflow_secret_keys=",".join(keys),

@@ -161,8 +161,8 @@ def phantom_data(out_dir: str, params_yaml: str, overrides: str) -> dict[str, An
     """Generate the phantom dataset into ``out_dir`` and write its manifest."""
     with tempfile.TemporaryDirectory() as tmp:
         params = write_params(params_yaml, overrides, tmp)
-        run_verb(["data", "phantom", "--params", params, "--out", out_dir])
-    run_verb(["data", "manifest", out_dir])
+        run_verb(["data", "phantom", "--params", params, "--out", out_dir, "--no-progress"])
+    run_verb(["data", "manifest", out_dir, "--no-progress"])
     return {"source": "phantom", **dataset_identity(out_dir)}
 
 
@@ -197,14 +197,14 @@ def fetch_dvc_dataset(repo_url: str, rev: str, path: str, out_dir: str | os.Path
 def import_data(out_dir: str, repo_url: str, rev: str, path: str) -> dict[str, Any]:
     """Fetch the user's DVC-tracked raw dataset, (re)write its manifest, return its identity."""
     commit = fetch_dvc_dataset(repo_url, rev, path, out_dir)
-    run_verb(["data", "manifest", out_dir])
+    run_verb(["data", "manifest", out_dir, "--no-progress"])
     return {"source": "dvc", "repo_url": repo_url, "rev": rev or "HEAD", "commit": commit, "path": path,
             **dataset_identity(out_dir)}
 
 
 def validate_data(raw_dir: str, report_path: str) -> dict[str, Any]:
     """Validate the raw dataset (a failure stops the pipeline); write its Markdown report."""
-    text = run_verb(["data", "validate", raw_dir])
+    text = run_verb(["data", "validate", raw_dir, "--no-progress"])
     identity = dataset_identity(raw_dir)
     md = [
         "# Dataset validation",
@@ -263,41 +263,71 @@ def train_report_html(model_dir: str | os.PathLike, summary: dict[str, Any]) -> 
     return reports.html_page("Training", parts)
 
 
-def train(data_dir: str, out_dir: str, params_yaml: str, overrides: str, report_path: str) -> dict[str, Any]:
+def train(data_dir: str, raw_dir: str, out_dir: str, params_yaml: str, overrides: str,
+          report_path: str) -> dict[str, Any]:
     """Train on the preprocessed dataset; return the summary; report the curve."""
     with tempfile.TemporaryDirectory() as tmp:
         params = write_params(params_yaml, overrides, tmp)
-        run_verb(["train", "--params", params, "--data", data_dir, "--out", out_dir])
+        run_verb(["train", "--params", params, "--preprocessed", data_dir, "--raw", raw_dir,
+                  "--out", out_dir, "--no-progress"])
     summary = read_train_summary(out_dir)
     Path(report_path).write_text(train_report_html(out_dir, summary))
     return summary
 
 
-def evaluate(model_dir: str, data_dir: str, out_dir: str, params_yaml: str, overrides: str,
-             report_path: str) -> dict[str, Any]:
-    """Evaluate the trained model on the held-out cases; report per-class Dice with its plot."""
+def stage_test_cases(raw_dir: str | os.PathLike, data_dir: str | os.PathLike,
+                     dest: str | os.PathLike) -> tuple[Path, Path, list[str]]:
+    """Link the held-out test cases (splits.json "test") of the raw dataset into images/ and gt/."""
+    raw, dest = Path(raw_dir), Path(dest)
+    meta = json.loads((raw / "dataset.json").read_text())
+    splits = _read_json(Path(data_dir) / "splits.json") or {}
+    cases = list(splits.get("test") or [])
+    if not cases:
+        raise UserError(f"{data_dir}/splits.json has no test cases: raise preprocess.test_fraction")
+    images, gt = dest / "images", dest / "gt"
+    images.mkdir(parents=True)
+    gt.mkdir(parents=True)
+    fe = meta["file_ending"]
+    for case in cases:
+        for channel in sorted((raw / "imagesTr").glob(f"{case}_[0-9][0-9][0-9][0-9]{fe}")):
+            os.symlink(channel.resolve(), images / channel.name)
+        os.symlink((raw / "labelsTr" / f"{case}{fe}").resolve(), gt / f"{case}{fe}")
+    return images, gt, cases
+
+
+def evaluate(model_dir: str, data_dir: str, raw_dir: str, out_dir: str, report_path: str) -> dict[str, Any]:
+    """Predict the held-out test cases, score them; report per-class Dice with the plots."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        params = write_params(params_yaml, overrides, tmp)
-        run_verb(["evaluate", "--params", params, "--model", model_dir, "--data", data_dir, "--out", out_dir])
-    summary = _read_json(Path(out_dir) / "summary.json") or {}
-    parts = []
-    per_class = summary.get("per_class") or {}
-    if per_class:
-        metric_names = sorted({m for v in per_class.values() for m in v})
-        rows = [[name, *[v.get(m, "") for m in metric_names]] for name, v in per_class.items()]
-        parts.append(reports.html_table(["class", *metric_names], rows))
-    for png in sorted(Path(out_dir).glob("*.png")):
+        images, gt, cases = stage_test_cases(raw_dir, data_dir, tmp)
+        run_verb(["predict", "-i", images, "-o", out / "pred", "--model", model_dir, "--no-progress"])
+        run_verb(["evaluate", "--pred", out / "pred", "--gt", gt, "--dataset-json", Path(raw_dir) / "dataset.json",
+                  "--out", out / "summary.json", "--plots", out / "plots", "--workers", "1", "--mlflow"])
+    summary = json.loads((out / "summary.json").read_text())
+    names = summary.get("labels", {})
+    mean = summary.get("mean", {})
+    metric_names = sorted({m for v in mean.values() for m in v})
+    rows = [[names.get(label, label), *[v.get(m) if v.get(m) is not None else "n/a" for m in metric_names]]
+            for label, v in mean.items()]
+    fg = summary.get("foreground_mean", {})
+    rows.append(["foreground mean", *[fg.get(m) if fg.get(m) is not None else "n/a" for m in metric_names]])
+    parts = [f"<p>{len(cases)} held-out test cases</p>", reports.html_table(["class", *metric_names], rows)]
+    for png in sorted((out / "plots").glob("*.png")):
         parts.append(reports.html_image(png, png.stem))
     Path(report_path).write_text(reports.html_page("Evaluation", parts))
     return summary
 
 
-def export(model_dir: str, out_dir: str, params_yaml: str, overrides: str) -> dict[str, Any]:
-    """Export the trained model to ONNX (with its parity check)."""
+def export(model_dir: str, data_dir: str, out_dir: str, params_yaml: str, overrides: str) -> dict[str, Any]:
+    """Export the trained model to ONNX; the export itself refuses a graph that fails parity."""
     with tempfile.TemporaryDirectory() as tmp:
         params = write_params(params_yaml, overrides, tmp)
-        run_verb(["export", "--params", params, "--model", model_dir, "--out", out_dir])
-    return _read_json(Path(out_dir) / "export_summary.json") or {}
+        run_verb(["export", "--params", params, "--train", model_dir, "--data", data_dir, "--out", out_dir])
+    sidecar = _read_json(Path(out_dir) / "model.onnx.json")
+    if sidecar is None:
+        raise RuntimeError(f"{out_dir}/model.onnx.json missing after export")
+    return sidecar
 
 
 def register(model_dir: str, onnx_dir: str, params_yaml: str, overrides: str, report_path: str) -> dict[str, Any]:

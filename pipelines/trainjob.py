@@ -135,10 +135,12 @@ def job_name(prefix: str = "masksam-train") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"[:63]
 
 
-def train_command(params: str, data_dir: str, out_dir: str, extra: Sequence[str] = ()) -> list[str]:
+def train_command(params: str, data_dir: str, out_dir: str, raw_dir: str | None = None,
+                  extra: Sequence[str] = ()) -> list[str]:
     """``torchrun -m masksam train ...``: torchrun reads nodes/rank/master from the runtime's env."""
-    return ["torchrun", "--module", "masksam", "train", "--params", params, "--data", data_dir,
-            "--out", out_dir, *extra]
+    raw = ["--raw", raw_dir] if raw_dir else []
+    return ["torchrun", "--module", "masksam", "train", "--params", params, "--preprocessed", data_dir,
+            *raw, "--out", out_dir, "--no-progress", *extra]
 
 
 def render_trainjob(
@@ -298,6 +300,7 @@ def create_and_wait(
 def run_trainjob_step(
     *,
     data_dir: str,
+    raw_dir: str | None = None,
     model_dir: str,
     params_yaml: str,
     overrides: str,
@@ -320,9 +323,16 @@ def run_trainjob_step(
     run_dir = Path(workspace) / job_name("run")
     staged_data, staged_out = run_dir / "preprocessed", run_dir / "train"
     shutil.copytree(data_dir, staged_data)
+    staged_raw = None
+    if raw_dir:  # train records the raw dataset's identity: its manifest and dataset.json suffice
+        staged_raw = run_dir / "raw"
+        staged_raw.mkdir()
+        for name in ("manifest.json", "dataset.json"):
+            shutil.copy2(Path(raw_dir) / name, staged_raw / name)
     params = steps.write_params(params_yaml, overrides, run_dir)
     manifest = render_trainjob(
-        name=job_name(), image=image, command=train_command(str(params), str(staged_data), str(staged_out)),
+        name=job_name(), image=image, command=train_command(str(params), str(staged_data), str(staged_out),
+                                                          str(staged_raw) if staged_raw else None),
         num_nodes=num_nodes, gpus_per_node=gpus_per_node, runtime=runtime, pvc_name=pvc_name,
         mount_path=workspace, mlflow_secret=mlflow_secret or None,
         mlflow_secret_keys=[k for k in mlflow_secret_keys.split(",") if k],

@@ -35,7 +35,7 @@ def test_rendered_manifest_has_the_trainer_v2_shape():
     assert t["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == 4
     assert t["image"] == "ghcr.io/masksam/masksam:0.1.0"
     assert t["command"][:4] == ["torchrun", "--module", "masksam", "train"]
-    assert t["command"][t["command"].index("--data") + 1] == "/mnt/masksam/run/pre"
+    assert t["command"][t["command"].index("--preprocessed") + 1] == "/mnt/masksam/run/pre"
     assert {e["name"] for e in t["env"]} == {"MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_PASSWORD"}
     assert all(e["valueFrom"]["secretKeyRef"]["name"] == "mlflow" for e in t["env"])
     job = spec["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
@@ -150,7 +150,7 @@ def test_trainjob_step_stages_data_and_collects_the_model(tmp_path):
         def create_namespaced_custom_object(self, group, version, namespace, plural, body):
             cmd = body["spec"]["trainer"]["command"]
             out = tmp_path / cmd[cmd.index("--out") + 1]
-            assert (tmp_path / cmd[cmd.index("--data") + 1] / "plan.json").is_file()
+            assert (tmp_path / cmd[cmd.index("--preprocessed") + 1] / "plan.json").is_file()
             assert "train:" in (tmp_path / cmd[cmd.index("--params") + 1]).read_text()
             out.mkdir(parents=True)   # what the TrainJob nodes would write
             (out / "train_summary.json").write_text(json.dumps({"best_val_dice": 0.5, "steps": 3}))
