@@ -1,0 +1,459 @@
+"""`masksam evaluate`: score a folder of predicted label maps against a folder of references.
+
+Like nnU-Net's ``nnUNetv2_evaluate_folder``: files are matched by case name, every foreground
+label of dataset.json is scored per case (Dice, HD95 in mm, normalised surface Dice; see
+:mod:`masksam.components.metrics` for the exact definitions), and a summary.json of nnU-Net's
+shape is written with a ``conventions`` block saying how each number was computed. A per-case
+CSV, PNG plots and (optionally) MLflow logging come with it.
+
+:func:`evaluate_folders` is the API; the pipeline's evaluate step (predict held-out cases, then
+score them) calls it on its prediction folder, and :func:`score_case` for in-memory arrays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import csv
+import logging
+import math
+import multiprocessing
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from masksam.components import metrics
+from masksam.components._io import atomic_path, image_suffix, read_image, read_json, write_json
+from masksam.components.metrics import METRICS, score_case  # noqa: F401  (re-exported API)
+from masksam.errors import UserError
+
+log = logging.getLogger(__name__)
+
+BOX_METRICS = ("Dice", "HD95", "NSD")
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def labels_from_dataset_json(path: str | os.PathLike) -> dict[str, int]:
+    """Foreground labels (name -> id, background 0 dropped) from an nnU-Net dataset.json."""
+    data = read_json(path, "dataset.json")
+    labels = data.get("labels") if isinstance(data, dict) else None
+    if not isinstance(labels, dict) or not labels:
+        raise UserError(f"{path}: no 'labels' mapping (name -> integer id, background 0)")
+    out: dict[str, int] = {}
+    for name, value in labels.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise UserError(
+                f"{path}: label {name!r} has value {value!r}; only integer ids >= 0 are supported "
+                "(region-based labels are not)"
+            )
+        if value != 0:
+            out[str(name)] = value
+    if len(set(out.values())) != len(out):
+        raise UserError(f"{path}: two labels share one id: {out}")
+    if not out:
+        raise UserError(f"{path}: 'labels' has no foreground class (only background)")
+    return out
+
+
+def _normalise_labels(labels: Mapping[str, int] | Sequence[int]) -> dict[int, str]:
+    if isinstance(labels, Mapping):
+        return {int(v): str(k) for k, v in labels.items() if int(v) != 0}
+    return {int(v): str(int(v)) for v in labels if int(v) != 0}
+
+
+def _case_name(path: Path) -> str:
+    suffix = image_suffix(path)
+    return path.name[: -len(suffix)] if suffix else path.name
+
+
+def _image_files(folder: Path, what: str) -> dict[str, Path]:
+    if not folder.is_dir():
+        raise UserError(f"{what} folder not found: {folder}")
+    files: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and image_suffix(path) and not path.name.startswith("."):
+            case = _case_name(path)
+            if case in files:
+                raise UserError(f"{what} folder {folder} holds two files for case {case!r}: "
+                                f"{files[case].name} and {path.name}; keep one")
+            files[case] = path
+    return files
+
+
+def match_files(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike) -> tuple[list[tuple[str, Path, Path]], list[str], list[str]]:
+    """Pair references with predictions by case name (file name without its image suffix).
+
+    Returns ``(pairs, missing, extra)``: ``(case, gt_path, pred_path)`` for every reference
+    (``pred_path`` may not exist: a missing prediction), the missing case names, and predictions
+    without a reference (ignored).
+    """
+    pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
+    refs = _image_files(gt_dir, "reference")
+    preds = _image_files(pred_dir, "prediction")
+    if not refs:
+        raise UserError(f"reference folder {gt_dir} holds no image files (.nii.gz, .nii, .nrrd, .mha, .mhd)")
+    if not set(refs) & set(preds):
+        raise UserError(
+            f"no prediction in {pred_dir} matches a reference in {gt_dir} by case name "
+            f"(references e.g. {sorted(refs)[:3]}, predictions e.g. {sorted(preds)[:3]}); check both folders"
+        )
+    pairs = [(case, gt, preds.get(case, pred_dir / gt.name)) for case, gt in refs.items()]
+    missing = [case for case in refs if case not in preds]
+    extra = [case for case in preds if case not in refs]
+    return pairs, missing, extra
+
+
+def _check_geometry(pred, gt, pred_path: Path, gt_path: Path) -> None:
+    problems = []
+    if pred.GetSize() != gt.GetSize():
+        problems.append(f"size {pred.GetSize()} vs {gt.GetSize()}")
+    for what, a, b in (
+        ("spacing", pred.GetSpacing(), gt.GetSpacing()),
+        ("origin", pred.GetOrigin(), gt.GetOrigin()),
+        ("direction", pred.GetDirection(), gt.GetDirection()),
+    ):
+        if len(a) != len(b) or not np.allclose(a, b, rtol=1e-5, atol=1e-4):
+            problems.append(f"{what} {tuple(round(x, 6) for x in a)} vs {tuple(round(x, 6) for x in b)}")
+    if problems:
+        raise UserError(
+            f"prediction {pred_path} and reference {gt_path} have different geometry ("
+            + "; ".join(problems)
+            + "); predictions must be written on the reference's grid (resample the prediction "
+            "with nearest-neighbour interpolation onto the reference, or re-run prediction)"
+        )
+
+
+def _label_array(image, path: Path) -> np.ndarray:
+    import SimpleITK as sitk
+
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise UserError(f"{path}: has {image.GetNumberOfComponentsPerPixel()} components per voxel; "
+                        "expected a single-channel label map")
+    try:
+        return metrics.as_label_map(sitk.GetArrayFromImage(image), str(path))
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+
+
+def _score_file_pair(job: tuple) -> dict[str, Any]:
+    """Worker: read one pair, check geometry, score it. Top-level so process pools can pickle it."""
+    case, gt_path, pred_path, label_ids, tolerance_mm, hd_convention, connectivity = job
+    gt_img = read_image(gt_path, expect_dim=None)
+    gt = _label_array(gt_img, gt_path)
+    missing = not pred_path.is_file()
+    if missing:
+        pred = np.zeros_like(gt)
+    else:
+        pred_img = read_image(pred_path, expect_dim=None)
+        _check_geometry(pred_img, gt_img, pred_path, gt_path)
+        pred = _label_array(pred_img, pred_path)
+    spacing = gt_img.GetSpacing()[::-1]  # SimpleITK (x, y, z) -> array axis order (z, y, x)
+    scores = metrics.score_case(pred, gt, spacing, label_ids, tolerance_mm, hd_convention, connectivity)
+    known = set(label_ids)
+    unexpected = {
+        "prediction": [v for v in metrics.labels_present(pred) if v not in known],
+        "reference": [v for v in metrics.labels_present(gt) if v not in known],
+    }
+    entry: dict[str, Any] = {
+        "case": case,
+        "reference_file": str(gt_path),
+        "prediction_file": str(pred_path),
+        "prediction_missing": missing,
+        "spacing_xyz": list(gt_img.GetSpacing()),
+        "metrics": scores,
+    }
+    if unexpected["prediction"] or unexpected["reference"]:
+        entry["labels_not_in_dataset_json"] = unexpected
+    return entry
+
+
+# ----------------------------------------------------------------------------- aggregation
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    arr = np.asarray([v for v in values if not math.isnan(v)], dtype=float)
+    return float(arr.mean()) if arr.size else math.nan
+
+
+def _nanstd(values: Sequence[float]) -> float:
+    arr = np.asarray([v for v in values if not math.isnan(v)], dtype=float)
+    return float(arr.std()) if arr.size else math.nan
+
+
+def aggregate(per_case: Sequence[Mapping[str, Any]], label_ids: Sequence[int]) -> tuple[dict, dict]:
+    """``mean`` (per label, over cases, NaN ignored) and ``foreground_mean`` (over labels != 0)."""
+    mean = {
+        str(label): {m: _nanmean([float(c["metrics"][str(label)][m]) for c in per_case]) for m in METRICS}
+        for label in label_ids
+    }
+    fg = [str(label) for label in label_ids if label != 0]
+    foreground_mean = {m: _nanmean([mean[k][m] for k in fg]) for m in METRICS}
+    return mean, foreground_mean
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def write_csv(summary: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """One row per case and label (long format, ready for pandas)."""
+    path = Path(path)
+    names = summary["labels"]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["case", "label", "label_name", *METRICS, "prediction_missing",
+                         "reference_file", "prediction_file"])
+        for entry in summary["metric_per_case"]:
+            for label, values in entry["metrics"].items():
+                writer.writerow([entry["case"], label, names.get(label, label),
+                                 *[values[m] for m in METRICS], entry["prediction_missing"],
+                                 entry["reference_file"], entry["prediction_file"]])
+    return path
+
+
+def write_plots(summary: Mapping[str, Any], out_dir: str | os.PathLike) -> list[Path]:
+    """Per-class Dice bar chart (mean +/- std over cases) and per-class box plots per metric."""
+    from masksam.components import plots
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = summary["labels"]
+    per_case = summary["metric_per_case"]
+    tol = summary["conventions"]["nsd_tolerance_mm"]
+    values = {
+        m: {names[k]: [float(c["metrics"][k][m]) for c in per_case] for k in names} for m in BOX_METRICS
+    }
+    files = [
+        plots.bar_chart(
+            list(values["Dice"]),
+            [_nanmean(v) for v in values["Dice"].values()],
+            [_nanstd(v) for v in values["Dice"].values()],
+            out_dir / "dice_per_class.png",
+            ylabel="Dice (mean +/- std over cases)",
+            title=f"Dice per class ({len(per_case)} cases)",
+            ylim=(0.0, 1.05),
+        )
+    ]
+    ylabels = {"Dice": "Dice", "HD95": "HD95 (mm)", "NSD": f"NSD @ {tol:g} mm"}
+    for m in BOX_METRICS:
+        files.append(plots.box_plot(values[m], out_dir / f"boxplot_{m}.png", ylabel=ylabels[m],
+                                    title=f"{m} per class over cases"))
+    return files
+
+
+def _mlflow_key(*parts: str) -> str:
+    return "/".join(re.sub(r"[^\w\-. ]", "_", p) for p in parts)
+
+
+def log_to_mlflow(summary: Mapping[str, Any], files: Sequence[Path], prefix: str = "eval") -> None:
+    """Log per-label means and foreground means as metrics and the output files as artifacts
+    into the active MLflow run (``{prefix}/{metric}/{label name}``, ``.../foreground_mean``)."""
+    import mlflow
+
+    values: dict[str, float] = {}
+    for label, means in summary["mean"].items():
+        for m in BOX_METRICS:
+            values[_mlflow_key(prefix, m, summary["labels"].get(label, label))] = means[m]
+    for m in BOX_METRICS:
+        values[_mlflow_key(prefix, m, "foreground_mean")] = summary["foreground_mean"][m]
+    finite = {k: float(v) for k, v in values.items() if v is not None and math.isfinite(v)}
+    skipped = sorted(set(values) - set(finite))
+    if skipped:
+        log.warning("not logging undefined (NaN) metrics to MLflow: %s", ", ".join(skipped))
+    mlflow.log_metrics(finite)
+    for path in files:
+        mlflow.log_artifact(str(path), artifact_path="evaluation" if path.suffix != ".png" else "evaluation/plots")
+
+
+# ----------------------------------------------------------------------------- API
+
+
+def evaluate_folders(
+    pred_dir: str | os.PathLike,
+    gt_dir: str | os.PathLike,
+    labels: Mapping[str, int] | Sequence[int],
+    *,
+    tolerance_mm: float = 2.0,
+    hd_convention: str = "medpy",
+    connectivity: int = 1,
+    workers: int = 1,
+    out_json: str | os.PathLike | None = None,
+    out_csv: str | os.PathLike | None = None,
+    plots_dir: str | os.PathLike | None = None,
+    mlflow_log: bool | None = None,
+) -> dict[str, Any]:
+    """Score every reference in ``gt_dir`` against the same-named prediction in ``pred_dir``.
+
+    ``labels`` is dataset.json's name -> id mapping (or a list of ids); background is not scored.
+    A missing prediction is scored as empty and listed in ``missing_predictions``; a prediction
+    whose geometry differs from its reference is a UserError naming both files. Writes the
+    summary (``out_json``; NaN as null), the per-case CSV and PNG plots when paths are given.
+    ``mlflow_log``: True logs to the active run (starting one if none), None logs only when a
+    run is active, False never. Returns the summary dict (NaN kept as float NaN).
+    """
+    from tqdm.auto import tqdm
+
+    names = _normalise_labels(labels)
+    if not names:
+        raise UserError("no foreground labels to evaluate (labels must contain ids other than 0)")
+    if hd_convention not in metrics.HD_CONVENTIONS:
+        raise UserError(f"unknown HD95 convention {hd_convention!r}; choose one of {metrics.HD_CONVENTIONS}")
+    if not (math.isfinite(tolerance_mm) and tolerance_mm >= 0):
+        raise UserError(f"--nsd-tolerance must be a finite number of mm >= 0, got {tolerance_mm}")
+    if workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}")
+    label_ids = sorted(names)
+    pairs, missing, extra = match_files(pred_dir, gt_dir)
+    if missing:
+        log.warning("%d of %d predictions missing in %s (scored as empty): %s",
+                    len(missing), len(pairs), pred_dir, ", ".join(missing))
+    if extra:
+        log.warning("%d predictions without a reference in %s are ignored: %s", len(extra), gt_dir, ", ".join(extra))
+    jobs = [(case, gt, pred, label_ids, tolerance_mm, hd_convention, connectivity) for case, gt, pred in pairs]
+    results: list[dict[str, Any] | None] = [None] * len(jobs)
+    progress = tqdm(total=len(jobs), desc="evaluate", unit="case")
+    try:
+        if workers == 1 or len(jobs) == 1:
+            for i, job in enumerate(jobs):
+                results[i] = _score_file_pair(job)
+                progress.update()
+        else:
+            ctx = multiprocessing.get_context("spawn")  # no fork of a threaded parent (MLflow, torch)
+            with cf.ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx) as pool:
+                futures = {pool.submit(_score_file_pair, job): i for i, job in enumerate(jobs)}
+                try:
+                    for fut in cf.as_completed(futures):
+                        results[futures[fut]] = fut.result()
+                        progress.update()
+                except BaseException:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
+    finally:
+        progress.close()
+    per_case = [r for r in results if r is not None]
+    for entry in per_case:
+        if "labels_not_in_dataset_json" in entry:
+            log.warning("case %s has labels not in dataset.json: %s", entry["case"], entry["labels_not_in_dataset_json"])
+    mean, foreground_mean = aggregate(per_case, label_ids)
+    summary: dict[str, Any] = {
+        "foreground_mean": foreground_mean,
+        "mean": mean,
+        "metric_per_case": per_case,
+        "labels": {str(k): names[k] for k in label_ids},
+        "n_cases": len(per_case),
+        "missing_predictions": missing,
+        "predictions_without_reference": extra,
+        "prediction_folder": str(pred_dir),
+        "reference_folder": str(gt_dir),
+        "conventions": metrics.conventions(tolerance_mm, hd_convention, connectivity),
+    }
+    files: list[Path] = []
+    if out_json is not None:
+        write_json(out_json, _json_safe(summary))
+        files.append(Path(out_json))
+    if out_csv is not None:
+        files.append(write_csv(summary, out_csv))
+    if plots_dir is not None:
+        files.extend(write_plots(summary, plots_dir))
+    _maybe_log_mlflow(summary, files, mlflow_log)
+    fm = foreground_mean
+    log.info("foreground mean over %d cases: Dice %.4f, HD95 %.2f mm, NSD@%gmm %.4f",
+             len(per_case), fm["Dice"], fm["HD95"], tolerance_mm, fm["NSD"])
+    return summary
+
+
+def _maybe_log_mlflow(summary: Mapping[str, Any], files: Sequence[Path], mlflow_log: bool | None) -> None:
+    if mlflow_log is False:
+        return
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    active = mlflow.active_run()
+    if active is None and not mlflow_log:
+        return
+    try:
+        if active is not None:
+            log_to_mlflow(summary, files)
+        else:
+            with mlflow.start_run(run_name="evaluate"):
+                log_to_mlflow(summary, files)
+    except MlflowException as exc:
+        raise UserError(f"logging to MLflow at {mlflow.get_tracking_uri()} failed: {exc}; check "
+                        "MLFLOW_TRACKING_URI or run without --mlflow") from exc
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _run_cli(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    stem = out.name[: -len(".json")] if out.name.endswith(".json") else out.name
+    csv_path = Path(args.csv) if args.csv else out.with_name(f"{stem}_per_case.csv")
+    plots_dir = Path(args.plots) if args.plots else out.with_name(f"{stem}_plots")
+    evaluate_folders(
+        args.pred,
+        args.gt,
+        labels_from_dataset_json(args.dataset_json),
+        tolerance_mm=args.nsd_tolerance,
+        hd_convention=args.hd_convention,
+        connectivity=args.surface_connectivity,
+        workers=args.workers,
+        out_json=out,
+        out_csv=csv_path,
+        plots_dir=plots_dir,
+        mlflow_log=True if args.mlflow else None,
+    )
+    print(f"wrote {out}, {csv_path} and plots in {plots_dir}")
+    return 0
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``evaluate`` verb."""
+    p = subparsers.add_parser(
+        "evaluate",
+        help="score predicted label maps against references (Dice, HD95, NSD)",
+        description="Score a folder of predicted label maps against a folder of reference label "
+        "maps (NIfTI/NRRD/MHA, matched by case name), like nnUNetv2_evaluate_folder. Writes an "
+        "nnU-Net-style summary.json (per case and per label, means, foreground mean, and the "
+        "conventions used for empty masks and surfaces), a per-case CSV and PNG plots.",
+    )
+    p.add_argument("--pred", required=True, metavar="DIR", help="folder of predicted label maps")
+    p.add_argument("--gt", required=True, metavar="DIR",
+                   help="folder of reference label maps; every file here is one case (a missing "
+                   "prediction is scored as empty and reported)")
+    p.add_argument("--dataset-json", required=True, metavar="FILE",
+                   help="nnU-Net dataset.json whose 'labels' name the classes (background 0 is not scored)")
+    p.add_argument("--out", required=True, metavar="FILE", help="summary JSON to write (NaN written as null)")
+    p.add_argument("--nsd-tolerance", type=float, default=2.0, metavar="MM",
+                   help="tolerance of the normalised surface Dice, in mm (default: %(default)s)")
+    p.add_argument("--hd-convention", choices=metrics.HD_CONVENTIONS, default="medpy",
+                   help="HD95 definition: 'medpy' = 95th percentile of the pooled distances of both "
+                   "directions (medpy.metric.binary.hd95); 'monai' = max of the two directed 95th "
+                   "percentiles (monai compute_hausdorff_distance); default: %(default)s")
+    p.add_argument("--surface-connectivity", type=int, choices=(1, 2, 3), default=1,
+                   help="connectivity of the erosion that defines border voxels (medpy's "
+                   "'connectivity'; 1 = face neighbours, medpy's and MONAI's default; default: %(default)s)")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), metavar="N",
+                   help="cases scored in parallel, in separate processes (default: %(default)s)")
+    p.add_argument("--csv", metavar="FILE", help="per-case CSV, one row per case and label "
+                   "(default: OUT's name with _per_case.csv)")
+    p.add_argument("--plots", metavar="DIR", help="folder for the PNG plots: per-class Dice bars, "
+                   "box plots of Dice, HD95 and NSD (default: OUT's name with _plots)")
+    p.add_argument("--mlflow", action="store_true",
+                   help="log mean metrics and the output files to MLflow (MLFLOW_TRACKING_URI, "
+                   "default sqlite:///mlflow.db), in the active run or a new run 'evaluate'")
+    p.set_defaults(func=_run_cli)
