@@ -1,0 +1,150 @@
+"""Hungarian matching between queries and the classes present in each slice (Mask2Former).
+
+MaskSAM treats every slice of a slab as its own set-prediction problem: the targets of slice
+``(b, t)`` are the classes present in it, background included, each with its binary mask. The
+cost of giving target ``j`` to query ``i`` is (Mask2Former's ``HungarianMatcher``)::
+
+    w_class * (-p_i[class_j]) + w_mask * BCE(mask_i, mask_j) + w_dice * Dice(mask_i, mask_j)
+
+with BCE and Dice on the same random points for every prediction and target. All costs of all
+slices are computed in one batched pass; only ``scipy.optimize.linear_sum_assignment`` loops
+over slices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+
+from .point_sampling import point_sample, sample_label_masks_all
+
+__all__ = ["HungarianMatcher", "MatchResult", "check_targets", "pairwise_mask_costs"]
+
+
+@dataclass
+class MatchResult:
+    """Matches of all slices, flattened so the criterion can gather them in one go.
+
+    Slices are numbered ``n = b * T + t``. Matched pair ``m`` gives query ``query_idx[m]`` of
+    slice ``slice_idx[m]`` the target mask ``labels[n] == target_class[m]``.
+    """
+
+    slice_idx: torch.Tensor     # [M] int64
+    query_idx: torch.Tensor     # [M] int64
+    target_class: torch.Tensor  # [M] int64
+    # per slice: (query indices, target indices into present[n]), Mask2Former's format
+    indices: list[tuple[torch.Tensor, torch.Tensor]]
+    present: list[torch.Tensor]  # per slice: the classes present (its targets), ascending
+    num_targets: int             # targets over all slices (the loss normaliser)
+
+
+def check_targets(target: torch.Tensor, num_classes: int) -> None:
+    """Raise ``ValueError`` unless ``target`` is an integer label slab with labels < K."""
+    if target.dtype.is_floating_point or target.dtype == torch.bool:
+        raise ValueError(f"target must be an integer label slab, got dtype {target.dtype}")
+    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= num_classes):
+        raise ValueError(f"target labels must lie in [0, {num_classes - 1}] "
+                         f"(num_classes={num_classes}), found [{int(target.min())}, "
+                         f"{int(target.max())}]")
+
+
+def pairwise_mask_costs(pred_points: torch.Tensor, tgt_points: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean sigmoid-BCE and Dice loss of every prediction against every target.
+
+    ``pred_points [N, Q, P]`` logits and ``tgt_points [N, K, P]`` in [0, 1] -> two ``[N, Q, K]``
+    tensors, equal to looping ``binary_cross_entropy_with_logits(...).mean()`` and
+    ``1 - (2|XY| + 1) / (|X| + |Y| + 1)`` over all pairs, via two batched matmuls.
+    """
+    num_points = pred_points.shape[-1]
+    tgt_t = tgt_points.transpose(1, 2)
+    pos = F.softplus(-pred_points)  # BCE where the target is 1
+    neg = F.softplus(pred_points)   # BCE where the target is 0
+    bce = (torch.bmm(pos, tgt_t) + torch.bmm(neg, 1.0 - tgt_t)) / num_points
+    prob = pred_points.sigmoid()
+    numerator = 2.0 * torch.bmm(prob, tgt_t)
+    denominator = prob.sum(-1)[:, :, None] + tgt_points.sum(-1)[:, None, :]
+    dice = 1.0 - (numerator + 1.0) / (denominator + 1.0)
+    return bce, dice
+
+
+class HungarianMatcher(torch.nn.Module):
+    """Per-slice optimal assignment of queries to present classes (no gradient).
+
+    Defaults are Mask2Former's (``MODEL.MASK_FORMER``: CLASS_WEIGHT 2, MASK_WEIGHT 5,
+    DICE_WEIGHT 5, TRAIN_NUM_POINTS 112 * 112).
+    """
+
+    def __init__(self, cost_class: float = 2.0, cost_mask: float = 5.0, cost_dice: float = 5.0,
+                 num_points: int = 112 * 112) -> None:
+        super().__init__()
+        if cost_class == 0 and cost_mask == 0 and cost_dice == 0:
+            raise ValueError("all matching costs are 0")
+        if num_points <= 0:
+            raise ValueError("num_points must be positive")
+        self.cost_class = cost_class
+        self.cost_mask = cost_mask
+        self.cost_dice = cost_dice
+        self.num_points = num_points
+
+    @torch.no_grad()
+    def cost_matrices(self, outputs: dict[str, torch.Tensor], target: torch.Tensor
+                      ) -> torch.Tensor:
+        """Cost ``[N, Q, K]`` of every query against every class of every slice (N = B*T)."""
+        logits = outputs["pred_logits"]
+        masks = outputs["pred_masks"]
+        b, t, q, k1 = logits.shape
+        num_classes = k1 - 1
+        if masks.shape[:3] != (b, t, q):
+            raise ValueError(f"pred_masks {tuple(masks.shape)} does not match pred_logits "
+                             f"{tuple(logits.shape)}")
+        if target.shape[:2] != (b, t):
+            raise ValueError(f"target {tuple(target.shape)} does not match outputs [B={b}, T={t}]")
+        check_targets(target, num_classes)
+        n = b * t
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            prob = logits.float().reshape(n, q, k1).softmax(-1)[..., :num_classes]
+            coords = torch.rand(1, self.num_points, 2, device=masks.device)
+            pred_points = point_sample(masks.float().reshape(n * q, *masks.shape[-2:]),
+                                       coords).reshape(n, q, -1)
+            tgt_points = sample_label_masks_all(target.reshape(n, *target.shape[-2:]).long(),
+                                                coords, num_classes)
+            bce, dice = pairwise_mask_costs(pred_points, tgt_points)
+            return self.cost_class * -prob + self.cost_mask * bce + self.cost_dice * dice
+
+    @torch.no_grad()
+    def forward(self, outputs: dict[str, torch.Tensor], target: torch.Tensor) -> MatchResult:
+        """Match the queries of every slice of ``outputs`` to the classes of ``target [B,T,H,W]``."""
+        cost = self.cost_matrices(outputs, target)
+        n, _, num_classes = cost.shape
+        flat_target = target.reshape(n, -1).long()
+        presence = torch.zeros(n, num_classes, dtype=torch.bool, device=target.device)
+        presence.scatter_(1, flat_target, True)
+        cost_np = cost.cpu().numpy()
+        presence_np = presence.cpu().numpy()
+        slices, queries, classes = [], [], []
+        indices: list[tuple[torch.Tensor, torch.Tensor]] = []
+        present: list[torch.Tensor] = []
+        for i in range(n):
+            cols = np.flatnonzero(presence_np[i])
+            rows, tgt = linear_sum_assignment(cost_np[i][:, cols])
+            indices.append((torch.as_tensor(rows, dtype=torch.int64),
+                            torch.as_tensor(tgt, dtype=torch.int64)))
+            present.append(torch.as_tensor(cols, dtype=torch.int64))
+            slices.append(np.full(len(rows), i))
+            queries.append(rows)
+            classes.append(cols[tgt])
+        device = target.device
+        return MatchResult(
+            slice_idx=torch.as_tensor(np.concatenate(slices), dtype=torch.int64, device=device),
+            query_idx=torch.as_tensor(np.concatenate(queries), dtype=torch.int64, device=device),
+            target_class=torch.as_tensor(np.concatenate(classes), dtype=torch.int64,
+                                         device=device),
+            indices=indices,
+            present=present,
+            num_targets=int(presence_np.sum()),
+        )

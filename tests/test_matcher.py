@@ -1,0 +1,151 @@
+"""HungarianMatcher: optimal per-slice assignment, cost terms, target handling."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from masksam.model.matcher import HungarianMatcher, check_targets, pairwise_mask_costs
+from masksam.model.point_sampling import (pixel_centre_coords, point_sample,
+                                          sample_label_masks, sample_label_masks_all)
+
+
+def _random_case(gen: torch.Generator, b: int, t: int, q: int, k: int, h: int = 12, w: int = 10):
+    outputs = {
+        "pred_logits": torch.randn(b, t, q, k + 1, generator=gen),
+        "pred_masks": 3 * torch.randn(b, t, q, h, w, generator=gen),
+    }
+    target = torch.randint(0, k, (b, t, h, w), generator=gen)
+    return outputs, target
+
+
+def _brute_force_min(cost: torch.Tensor) -> float:
+    """Minimum total cost over all injective assignments of the smaller side."""
+    q, m = cost.shape
+    best = float("inf")
+    if q >= m:
+        for rows in itertools.permutations(range(q), m):
+            best = min(best, sum(float(cost[r, c]) for c, r in enumerate(rows)))
+    else:
+        for cols in itertools.permutations(range(m), q):
+            best = min(best, sum(float(cost[r, c]) for r, c in enumerate(cols)))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_matcher_total_cost_equals_brute_force(seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    q = 2 + seed % 5            # 2..6 queries, fewer or more than the targets
+    k = 2 + seed % 3            # 2..4 classes
+    outputs, target = _random_case(gen, b=2, t=2, q=q, k=k)
+    target[0, 1] = 0            # one slice with background only
+    matcher = HungarianMatcher(num_points=64)
+    torch.manual_seed(seed)
+    cost = matcher.cost_matrices(outputs, target)
+    torch.manual_seed(seed)     # the same random points again
+    match = matcher(outputs, target)
+    for n in range(4):
+        present = match.present[n]
+        expect = torch.unique(target.reshape(4, -1)[n])
+        assert torch.equal(present, expect)
+        rows, cols = match.indices[n]
+        assert len(rows) == min(q, len(present))
+        assert len(set(rows.tolist())) == len(rows) and len(set(cols.tolist())) == len(cols)
+        sub = cost[n][:, present]
+        got = float(sub[rows, cols].sum())
+        assert got == pytest.approx(_brute_force_min(sub), abs=1e-5)
+    # the flattened view agrees with the per-slice lists
+    for m in range(len(match.slice_idx)):
+        n, qi, cls = (int(match.slice_idx[m]), int(match.query_idx[m]),
+                      int(match.target_class[m]))
+        rows, cols = match.indices[n]
+        j = rows.tolist().index(qi)
+        assert int(match.present[n][cols[j]]) == cls
+    assert match.num_targets == sum(len(p) for p in match.present)
+
+
+def test_matcher_finds_the_planted_assignment() -> None:
+    """Queries that predict exactly the target masks and classes get those targets."""
+    k, q, h, w = 3, 5, 16, 16
+    target = torch.zeros(1, 1, h, w, dtype=torch.int64)
+    target[0, 0, 2:8, 3:9] = 1
+    target[0, 0, 10:15, 1:14] = 2
+    perm = [4, 0, 2]            # class c is predicted by query perm[c]
+    logits = torch.full((1, 1, q, k + 1), -5.0)
+    logits[..., k] = 5.0
+    masks = torch.full((1, 1, q, h, w), -8.0)
+    for c, qi in enumerate(perm):
+        logits[0, 0, qi, c] = 8.0
+        masks[0, 0, qi] = torch.where(target[0, 0] == c, 8.0, -8.0)
+    match = HungarianMatcher(num_points=200)({"pred_logits": logits, "pred_masks": masks}, target)
+    got = dict(zip(match.target_class.tolist(), match.query_idx.tolist()))
+    assert got == {0: 4, 1: 0, 2: 2}
+
+
+def test_pairwise_costs_equal_looped_losses() -> None:
+    gen = torch.Generator().manual_seed(3)
+    pred = torch.randn(2, 4, 50, generator=gen)
+    tgt = torch.rand(2, 3, 50, generator=gen).round()
+    bce, dice = pairwise_mask_costs(pred, tgt)
+    for n in range(2):
+        for i in range(4):
+            for j in range(3):
+                ref = F.binary_cross_entropy_with_logits(pred[n, i], tgt[n, j])
+                assert float(bce[n, i, j]) == pytest.approx(float(ref), rel=1e-5)
+                p = pred[n, i].sigmoid()
+                ref_d = 1 - (2 * (p * tgt[n, j]).sum() + 1) / (p.sum() + tgt[n, j].sum() + 1)
+                assert float(dice[n, i, j]) == pytest.approx(float(ref_d), rel=1e-5)
+
+
+def test_label_sampling_matches_bilinear_one_hot() -> None:
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 4, (3, 7, 9), generator=gen)
+    coords = torch.rand(3, 40, 2, generator=gen)
+    coords[:, 0] = 0.0          # corners: border padding
+    coords[:, 1] = 1.0
+    one_hot = F.one_hot(labels, 4).permute(0, 3, 1, 2).float()
+    every = sample_label_masks_all(labels, coords, 4)
+    # an independent bilinear read at one interior point
+    x, y = 0.37, 0.61
+    px, py = x * 9 - 0.5, y * 7 - 0.5
+    x0, y0 = int(px), int(py)
+    fx, fy = px - x0, py - y0
+    oh = one_hot[1]
+    manual = ((1 - fx) * (1 - fy) * oh[:, y0, x0] + fx * (1 - fy) * oh[:, y0, x0 + 1]
+              + (1 - fx) * fy * oh[:, y0 + 1, x0] + fx * fy * oh[:, y0 + 1, x0 + 1])
+    one = sample_label_masks_all(labels[1:2], torch.tensor([[[x, y]]]), 4)
+    assert torch.allclose(one[0, :, 0], manual, atol=1e-6)
+    assert torch.allclose(every.sum(1), torch.ones(3, 40), atol=1e-5)  # a partition of unity
+    idx = torch.tensor([2, 0, 1])
+    cls = torch.tensor([3, 1, 0])
+    picked = sample_label_masks(labels, coords[idx], idx, cls)
+    assert torch.allclose(picked, every[idx, cls], atol=1e-6)
+    # at pixel centres sampling reads the pixels themselves
+    centres = pixel_centre_coords(7, 9)
+    exact = sample_label_masks_all(labels, centres, 4)
+    assert torch.allclose(exact, one_hot.reshape(3, 4, -1), atol=1e-6)
+    logits = torch.randn(3, 7, 9, generator=gen)
+    assert torch.allclose(point_sample(logits, centres), logits.reshape(3, -1), atol=1e-6)
+
+
+def test_bad_targets_are_rejected() -> None:
+    outputs, target = _random_case(torch.Generator().manual_seed(0), 1, 2, 3, 3)
+    with pytest.raises(ValueError, match="labels must lie in"):
+        HungarianMatcher(num_points=16)(outputs, target + 5)
+    with pytest.raises(ValueError, match="integer label slab"):
+        check_targets(target.float(), 3)
+    with pytest.raises(ValueError, match="does not match"):
+        HungarianMatcher(num_points=16)(outputs, target[:, :1])
+
+
+def test_matcher_is_gradient_free_and_cheap_on_the_demo_shape() -> None:
+    """B=2, T=8, Q=16 at 128 px: one pass builds all costs; nothing needs grad."""
+    gen = torch.Generator().manual_seed(1)
+    outputs, target = _random_case(gen, b=2, t=8, q=16, k=5, h=128, w=128)
+    outputs = {k: v.requires_grad_() for k, v in outputs.items()}
+    match = HungarianMatcher(num_points=4096)(outputs, target)
+    assert not match.slice_idx.requires_grad
+    assert len(match.indices) == 16 and match.num_targets == 16 * 5
