@@ -1,0 +1,107 @@
+"""Builders: the variant table (SAM's published dims plus a tiny demo size) and build_masksam."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from segment_anything.modeling import PromptEncoder, TwoWayTransformer
+from torch import nn
+
+from .config import MaskSAMConfig
+from .image_encoder import MaskSAMImageEncoder
+from .mask_decoder import ClassMaskDecoder, MaskUpsampler
+from .masksam import MaskSAM
+from .params import apply_freezing
+from .prompt_generator import PromptGenerator
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """Architecture dimensions of one variant (encoder, prompt/decoder, prompt generator)."""
+
+    embed_dim: int
+    depth: int
+    num_heads: int
+    global_attn_indexes: tuple[int, ...]
+    window_size: int
+    prompt_dim: int = 256
+    decoder_mlp_dim: int = 2048
+    decoder_heads: int = 8
+    mask_in_chans: int = 16
+    pg_width: int = 64
+    mlp_ratio: float = 4.0
+
+
+VARIANTS: dict[str, VariantSpec] = {
+    # segment_anything/build_sam.py's published dimensions
+    "vit_b": VariantSpec(768, 12, 12, (2, 5, 8, 11), 14),
+    "vit_l": VariantSpec(1024, 24, 16, (5, 11, 17, 23), 14),
+    "vit_h": VariantSpec(1280, 32, 16, (7, 15, 23, 31), 14),
+    # same classes, CPU-sized (a forward+backward of a B=2, T=8 slab at 128 px is ~7 GFLOP):
+    # 8x8 token grid at 128 px, 2x2 windows of 4, 64-d prompt/decoder path
+    "tiny": VariantSpec(
+        128, 4, 4, (1, 3), 4, prompt_dim=64, decoder_mlp_dim=256, decoder_heads=4, pg_width=32, mlp_ratio=2.0
+    ),
+}
+
+
+def _stem(in_channels: int) -> nn.Conv3d:
+    """1x1x1 conv C_in -> 3, weight 1/C_in and bias 0: SAM sees the (mean) intensity replicated."""
+    conv = nn.Conv3d(in_channels, 3, kernel_size=1)
+    nn.init.constant_(conv.weight, 1.0 / in_channels)
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
+def build_masksam(cfg: MaskSAMConfig, checkpoint: Optional[str] = None, allow_missing: bool = False) -> MaskSAM:
+    """Build MaskSAM for ``cfg``; load SAM weights from ``checkpoint`` (or ``cfg.checkpoint``).
+
+    The freezing policy (``cfg.freeze_sam``) is applied last. Loading is strict about SAM's
+    keys (see :func:`masksam.model.checkpoint.load_sam_checkpoint`).
+    """
+    spec = VARIANTS[cfg.variant]
+    grid = cfg.img_size // 16
+    ratio = cfg.adapter_ratio if cfg.use_depth_conv_adapter else None
+    encoder = MaskSAMImageEncoder(
+        img_size=cfg.img_size, embed_dim=spec.embed_dim, depth=spec.depth, num_heads=spec.num_heads,
+        global_attn_indexes=spec.global_attn_indexes, window_size=spec.window_size,
+        out_chans=spec.prompt_dim, slab_depth=cfg.slab_depth, adapter_ratio=ratio,
+        use_temporal_embedding=cfg.use_temporal_embedding, mlp_ratio=spec.mlp_ratio,
+    )
+    prompt_generator = PromptGenerator(
+        encoder_dim=spec.embed_dim, neck_dim=spec.prompt_dim, num_global=len(spec.global_attn_indexes),
+        num_queries=int(cfg.num_queries), token_dim=spec.prompt_dim, width=spec.pg_width,  # type: ignore[arg-type]
+    )
+    prompt_encoder = PromptEncoder(
+        embed_dim=spec.prompt_dim, image_embedding_size=(grid, grid),
+        input_image_size=(cfg.img_size, cfg.img_size), mask_in_chans=spec.mask_in_chans,
+    )
+    decoder = ClassMaskDecoder(
+        transformer_dim=spec.prompt_dim,
+        transformer=TwoWayTransformer(
+            depth=2, embedding_dim=spec.prompt_dim, mlp_dim=spec.decoder_mlp_dim, num_heads=spec.decoder_heads
+        ),
+        num_classes=cfg.num_classes, adapter_ratio=cfg.adapter_ratio,
+        use_depth_conv_adapter=cfg.use_depth_conv_adapter, use_depth_mlp_adapter=cfg.use_depth_mlp_adapter,
+    )
+    model = MaskSAM(
+        cfg, stem=_stem(cfg.in_channels), image_encoder=encoder, prompt_generator=prompt_generator,
+        prompt_encoder=prompt_encoder, mask_decoder=decoder, mask_upsampler=MaskUpsampler(cfg.in_channels),
+    )
+    ckpt = checkpoint if checkpoint is not None else cfg.checkpoint
+    if ckpt is not None:
+        from .checkpoint import load_sam_checkpoint
+
+        load_sam_checkpoint(model, ckpt, allow_missing=allow_missing)
+    apply_freezing(model, cfg.freeze_sam)
+    return model
+
+
+def count_flops_free_forward(model: MaskSAM, batch: int = 1) -> dict[str, torch.Size]:
+    """Output shapes of one forward on zeros (a cheap self-check for callers and docs)."""
+    cfg = model.cfg
+    x = torch.zeros(batch, cfg.in_channels, cfg.slab_depth, cfg.img_size, cfg.img_size)
+    with torch.no_grad():
+        return {k: v.shape for k, v in model(x).items()}

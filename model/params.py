@@ -1,0 +1,71 @@
+"""Which parameters train: the paper's freezing policy, and a parameter count report.
+
+SAM's own parameters keep SAM's names (``image_encoder.*``, ``prompt_encoder.*``,
+``mask_decoder.*``); MaskSAM's additions are recognised by name (``is_new_parameter``). With
+``freeze_sam`` all of SAM's weights are frozen and only the additions train (the paper).
+SAM's IoU head and the hypernetworks of its three multimask tokens never contribute to the
+output (one mask per query), so they are frozen in either case.
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+_NEW = re.compile(
+    r"^(stem\.|prompt_generator\.|mask_upsampler\.|image_encoder\.temporal_embed$|"
+    r"image_encoder\.blocks\.\d+\.adapter\.|mask_decoder\.cls_token\.|mask_decoder\.cls_head\.|"
+    r"mask_decoder\.image_adapter\.|mask_decoder\.token_adapters\.)"
+)
+_UNUSED = re.compile(r"^mask_decoder\.(iou_prediction_head\.|output_hypernetworks_mlps\.[1-9]\d*\.)")
+
+
+def is_new_parameter(name: str) -> bool:
+    """True for MaskSAM's additions (not in a SAM checkpoint), False for SAM's own keys."""
+    return bool(_NEW.match(name))
+
+
+def is_unused_sam_parameter(name: str) -> bool:
+    """SAM parameters the single-mask classifier decoder never uses (IoU head, multimask MLPs)."""
+    return bool(_UNUSED.match(name))
+
+
+def apply_freezing(model: nn.Module, freeze_sam: bool) -> None:
+    """Set ``requires_grad``: additions always train; SAM's weights train only if not frozen."""
+    for name, p in model.named_parameters():
+        if is_new_parameter(name):
+            p.requires_grad_(True)
+        else:
+            p.requires_grad_(not freeze_sam and not is_unused_sam_parameter(name))
+
+
+def parameter_report(model: nn.Module) -> dict:
+    """Trainable and total parameter counts, overall and per top-level part.
+
+    Returns ``{"total": int, "trainable": int, "parts": {part: {"total", "trainable"}},
+    "new": int}`` where ``new`` counts MaskSAM's additions (the freshly initialised ones).
+    """
+    parts: dict[str, dict[str, int]] = {}
+    total = trainable = new = 0
+    for name, p in model.named_parameters():
+        part = name.split(".", 1)[0]
+        d = parts.setdefault(part, {"total": 0, "trainable": 0})
+        n = p.numel()
+        d["total"] += n
+        total += n
+        if p.requires_grad:
+            d["trainable"] += n
+            trainable += n
+        if is_new_parameter(name):
+            new += n
+    return {"total": total, "trainable": trainable, "new": new, "parts": parts}
+
+
+def format_parameter_report(report: dict) -> str:
+    """Human-readable table of :func:`parameter_report`'s result (millions)."""
+    lines = [f"{'part':<18}{'trainable':>12}{'total':>12}"]
+    for part, d in report["parts"].items():
+        lines.append(f"{part:<18}{d['trainable'] / 1e6:>11.3f}M{d['total'] / 1e6:>11.3f}M")
+    lines.append(f"{'all':<18}{report['trainable'] / 1e6:>11.3f}M{report['total'] / 1e6:>11.3f}M")
+    return "\n".join(lines)

@@ -1,0 +1,129 @@
+"""Prompt generator: a UNETR-like 3D CNN decoder that turns encoder features into prompts.
+
+Inputs are the neck output and the token grids after the global-attention blocks, each seen
+as a ``[B, ch, T, h, w]`` volume. The neck volume is decoded and upsampled (in-plane, x2 per
+stage) to 1/4 of the input, fusing a projected and upsampled global-block feature at each
+stage (UNETR's skip connections; fused by addition rather than concatenation, which halves
+the cost of the finest 3x3x3 convolution). Outputs, per slice and query:
+
+- ``aux_masks``: mask logits ``[B, T, Q, H/4, W/4]`` (SAM's mask-input size);
+- ``aux_boxes``: ``[B, T, Q, 4]`` normalised ``(x0, y0, x1, y1)``: the mean of a regressed box
+  and the box around ``aux_masks > 0`` (computed without gradient; where the mask is empty the
+  regressed box alone);
+- ``aux_tokens``: ``[B, T, Q, C]`` auxiliary classifier tokens for the mask decoder.
+
+Query features are the mask-weighted average of the finest decoder features plus the slice's
+global context plus a learned query embedding.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from segment_anything.modeling.mask_decoder import MLP
+
+
+def _to_volume(x: torch.Tensor, depth: int) -> torch.Tensor:
+    """``[B*T, ch, h, w]`` -> ``[B, ch, T, h, w]``."""
+    bt, c, h, w = x.shape
+    return x.reshape(-1, depth, c, h, w).transpose(1, 2)
+
+
+class ConvBlock3d(nn.Sequential):
+    """Conv3d 3x3x3 -> InstanceNorm3d -> GELU."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__(
+            nn.Conv3d(cin, cout, kernel_size=3, padding=1, bias=False),
+            nn.InstanceNorm3d(cout, affine=True),
+            nn.GELU(),
+        )
+
+
+def mask_boxes(mask_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boxes ``(x0, y0, x1, y1)`` normalised to [0, 1] around ``mask_logits > 0`` (no grad).
+
+    ``mask_logits``: ``[..., h, w]``. Returns boxes ``[..., 4]`` and a bool ``[...]`` telling
+    which masks are non-empty (empty masks get a zero box). Traceable: no data-dependent shapes.
+    """
+    with torch.no_grad():
+        m = mask_logits > 0
+        h, w = m.shape[-2], m.shape[-1]
+        cols = m.any(dim=-2)  # [..., w]
+        rows = m.any(dim=-1)  # [..., h]
+        xs = torch.arange(w, device=m.device, dtype=torch.float32)
+        ys = torch.arange(h, device=m.device, dtype=torch.float32)
+        big = float(max(h, w) + 1)
+        x0 = torch.where(cols, xs, torch.full_like(xs, big)).amin(dim=-1)
+        x1 = torch.where(cols, xs, torch.full_like(xs, -1.0)).amax(dim=-1) + 1.0
+        y0 = torch.where(rows, ys, torch.full_like(ys, big)).amin(dim=-1)
+        y1 = torch.where(rows, ys, torch.full_like(ys, -1.0)).amax(dim=-1) + 1.0
+        nonempty = cols.any(dim=-1)
+        box = torch.stack([x0 / w, y0 / h, x1 / w, y1 / h], dim=-1)
+        box = torch.where(nonempty[..., None], box, torch.zeros_like(box))
+    return box, nonempty
+
+
+class PromptGenerator(nn.Module):
+    """UNETR-like decoder predicting auxiliary masks, boxes and classifier tokens."""
+
+    def __init__(
+        self,
+        *,
+        encoder_dim: int,
+        neck_dim: int,
+        num_global: int,
+        num_queries: int,
+        token_dim: int,
+        width: int = 64,
+        stages: int = 2,
+    ) -> None:
+        super().__init__()
+        self.num_queries = num_queries
+        self.num_global = num_global
+        chans = [max(8, width // (2**s)) for s in range(stages + 1)]
+        self.bottom = ConvBlock3d(neck_dim, chans[0])
+        self.skip_proj = nn.ModuleList()
+        self.ups = nn.ModuleList()
+        self.fuse = nn.ModuleList()
+        for s in range(1, stages + 1):
+            f = 2**s
+            self.skip_proj.append(
+                nn.Sequential(
+                    nn.Conv3d(encoder_dim, chans[s], kernel_size=1),
+                    nn.ConvTranspose3d(chans[s], chans[s], kernel_size=(1, f, f), stride=(1, f, f)),
+                )
+            )
+            self.ups.append(nn.ConvTranspose3d(chans[s - 1], chans[s], kernel_size=(1, 2, 2), stride=(1, 2, 2)))
+            self.fuse.append(ConvBlock3d(chans[s], chans[s]))
+        self.mask_head = nn.Conv3d(chans[-1], num_queries, kernel_size=1)
+        hidden = max(64, token_dim)
+        self.query_embed = nn.Embedding(num_queries, hidden)
+        self.pool_proj = nn.Linear(chans[-1], hidden)
+        self.ctx_proj = nn.Linear(chans[0], hidden)
+        self.box_head = MLP(hidden, hidden, 4, 3)
+        self.token_head = MLP(hidden, hidden, token_dim, 2)
+
+    def forward(self, neck: torch.Tensor, feats: list[torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+        """``neck``: ``[B*T, C, h, w]``; ``feats``: global-block tokens ``[B*T, h, w, D]``."""
+        y = self.bottom(_to_volume(neck, depth))
+        ctx = y.mean(dim=(-2, -1)).transpose(1, 2)  # [B, T, c0]
+        n = len(feats)
+        for s, (proj, up, fuse) in enumerate(zip(self.skip_proj, self.ups, self.fuse), start=1):
+            skip = feats[max(0, n - 1 - s)].permute(0, 3, 1, 2)
+            skip = proj(_to_volume(skip, depth))
+            y = fuse(up(y) + skip)
+        masks = self.mask_head(y).transpose(1, 2)  # [B, T, Q, h4, w4]
+        b, t, q, h4, w4 = masks.shape
+        # mask-weighted pooling of the finest features per query
+        wts = torch.sigmoid(masks).flatten(3)  # [B, T, Q, HW]
+        f = y.transpose(1, 2).flatten(3)  # [B, T, c, HW]
+        pooled = (wts @ f.transpose(-1, -2)) / (wts.sum(-1, keepdim=True) + 1.0)  # [B, T, Q, c]
+        hq = self.pool_proj(pooled) + self.ctx_proj(ctx)[:, :, None] + self.query_embed.weight
+        cxcywh = torch.sigmoid(self.box_head(hq))
+        half = cxcywh[..., 2:] / 2
+        reg = torch.cat([cxcywh[..., :2] - half, cxcywh[..., :2] + half], dim=-1).clamp(0.0, 1.0)
+        mbox, nonempty = mask_boxes(masks)
+        boxes = torch.where(nonempty[..., None], (reg + mbox) / 2, reg)
+        return {"aux_masks": masks, "aux_boxes": boxes, "aux_tokens": self.token_head(hq)}
