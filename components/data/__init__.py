@@ -1,0 +1,147 @@
+"""The ``masksam data`` step: generate, import, validate and fingerprint raw datasets.
+
+Sub-verbs: ``phantom`` (generated CT demo data), ``import`` (AMOS, Synapse/BTCV, ACDC, MSD or an
+nnU-Net raw dataset into the nnU-Net raw layout), ``validate`` (check a raw dataset, collecting
+every problem) and ``manifest`` (write or verify DIR/manifest.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from masksam.errors import UserError
+
+IMPORT_FORMATS = ("nnunet", "msd", "amos", "synapse", "acdc")
+
+
+def _params(args: argparse.Namespace) -> dict:
+    if getattr(args, "params", None) is None:
+        return {}
+    from masksam.components._io import load_params
+
+    return load_params(args.params, "data")
+
+
+def _pick(cli_value, params: dict, key: str, default=None):
+    """Explicit CLI options override params.yaml, which overrides the built-in default."""
+    if cli_value is not None:
+        return cli_value
+    value = params.get(key)
+    return default if value is None else value
+
+
+def _run_phantom(args: argparse.Namespace) -> int:
+    from masksam.components.data.phantom import generate_phantom
+
+    p = _params(args)
+    out = _pick(args.out, p, "out")
+    if out is None:
+        raise UserError("no output folder: pass --out DIR (or --params params.yaml with data.out)")
+    generate_phantom(
+        out, cases=int(_pick(args.cases, p, "cases", 24)), seed=int(_pick(args.seed, p, "seed", 0)),
+        size_xyz=[int(v) for v in _pick(args.size, p, "size", [160, 160, 40])],
+        workers=int(args.workers), progress=not args.no_progress,
+    )
+    print(f"phantom dataset written to {out}")
+    return 0
+
+
+def _run_import(args: argparse.Namespace) -> int:
+    from masksam.components.data.importers import import_dataset
+
+    p = _params(args)
+    fmt = _pick(args.format, p, "source")
+    src = _pick(args.src, p, "src")
+    dst = _pick(args.dst, p, "out")
+    if fmt is None or src is None or dst is None:
+        raise UserError("import needs --format, SRC and DST (or --params params.yaml with data.source, data.src, data.out)")
+    if fmt not in IMPORT_FORMATS:
+        raise UserError(f"unknown --format {fmt!r}; choose one of {', '.join(IMPORT_FORMATS)}")
+    modality = args.modality if args.modality is not None else (p.get("modality") if fmt == "amos" else None)
+    report = import_dataset(fmt, src, dst, modality=modality, subset=args.subset, progress=not args.no_progress)
+    print(report)
+    return 0
+
+
+def _run_validate(args: argparse.Namespace) -> int:
+    from masksam.components.data.validate import validate_dataset
+
+    report = validate_dataset(args.dir, strict=args.strict, read_pixels=not args.headers_only,
+                              progress=not args.no_progress)
+    print(report.format(max_cases=args.max_cases), file=sys.stdout if report.ok else sys.stderr)
+    return 0 if report.ok else 1
+
+
+def _run_manifest(args: argparse.Namespace) -> int:
+    from masksam.components.data.manifest import verify_manifest, write_manifest
+
+    if args.verify:
+        diff = verify_manifest(args.dir, progress=not args.no_progress)
+        print(diff.summary(), file=sys.stdout if diff.ok else sys.stderr)
+        return 0 if diff.ok else 1
+    manifest = write_manifest(args.dir, progress=not args.no_progress)
+    print(f"{Path(args.dir) / 'manifest.json'}: {manifest['num_files']} files, "
+          f"dataset sha256 {manifest['dataset_sha256']}")
+    return 0
+
+
+def register_cli(subparsers) -> None:
+    """Add ``masksam data {phantom,import,validate,manifest}``."""
+    data = subparsers.add_parser(
+        "data", help="generate, import, validate and fingerprint raw datasets (nnU-Net v2 raw layout)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = data.add_subparsers(dest="data_verb", metavar="SUBVERB", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
+
+    ph = sub.add_parser("phantom", help="write a generated abdominal CT dataset",
+                        description="Write a generated abdominal CT-like dataset (HU images, 7 organ labels) "
+                        "in the nnU-Net raw layout, plus manifest.json. Same seed, same arrays.")
+    ph.add_argument("--out", help="output dataset folder (replaced whole if it is a dataset)")
+    ph.add_argument("--cases", type=int, help="number of cases (default 24)")
+    ph.add_argument("--seed", type=int, help="random seed; case i uses default_rng([seed, i]) (default 0)")
+    ph.add_argument("--size", type=int, nargs=3, metavar=("X", "Y", "Z"),
+                    help="voxels per case (default 160 160 40: an infant-sized abdomen; 512 512 120: adult CT)")
+    ph.add_argument("--workers", type=int, default=1, help="parallel processes, one case each (default 1)")
+    ph.add_argument("--params", help="read defaults from this params.yaml's data: section")
+    common(ph)
+    ph.set_defaults(func=_run_phantom)
+
+    im = sub.add_parser("import", help="convert a public dataset layout into the nnU-Net raw layout",
+                        description="Convert AMOS 2022, Synapse/BTCV, ACDC, a Medical Segmentation Decathlon "
+                        "task or an nnU-Net v2 raw dataset into the nnU-Net raw layout; the result is "
+                        "validated and gets a manifest.json.")
+    im.add_argument("--format", choices=IMPORT_FORMATS, help="layout of SRC")
+    im.add_argument("src", nargs="?", metavar="SRC", help="folder of the public dataset as downloaded")
+    im.add_argument("dst", nargs="?", metavar="DST", help="output dataset folder (new, empty or a dataset)")
+    im.add_argument("--modality", choices=("ct", "mr", "all"),
+                    help="amos only: CT cases (ids < 500, default), MR cases (>= 500) or all")
+    im.add_argument("--subset", type=int, choices=(8,),
+                    help="synapse only: keep the TransUNet 8 organs, relabelled 1..8")
+    im.add_argument("--params", help="read defaults from this params.yaml's data: section")
+    common(im)
+    im.set_defaults(func=_run_import)
+
+    va = sub.add_parser("validate", help="check a raw dataset, listing every problem",
+                        description="Check dataset.json, every case's channels and label, readability, 3D, "
+                        "matching geometry, declared label values, NaN/inf; print a case table and class "
+                        "frequencies. Exits 1 if anything is wrong.")
+    va.add_argument("dir", metavar="DIR", help="dataset folder holding dataset.json")
+    va.add_argument("--strict", action="store_true", help="treat empty labels (background only) as errors")
+    va.add_argument("--headers-only", action="store_true",
+                    help="read image headers only (fast; skips truncation, label-value and NaN checks)")
+    va.add_argument("--max-cases", type=int, default=None, help="rows of the case table to print (default all)")
+    common(va)
+    va.set_defaults(func=_run_validate)
+
+    ma = sub.add_parser("manifest", help="write or verify DIR/manifest.json (sha256 per file)",
+                        description="Write DIR/manifest.json (sha256, bytes, size and spacing per file, and a "
+                        "dataset hash over them), or with --verify report files changed, missing or added.")
+    ma.add_argument("dir", metavar="DIR", help="dataset folder")
+    ma.add_argument("--verify", action="store_true", help="compare DIR with its manifest instead of writing it")
+    common(ma)
+    ma.set_defaults(func=_run_manifest)
