@@ -238,7 +238,7 @@ def _add_compile_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", default=DEFAULT_IMAGE,
                    help=f"container image every step runs in (built from the Dockerfile; default {DEFAULT_IMAGE})")
     p.add_argument("--params", default="params.yaml", metavar="FILE",
-                   help="params.yaml compiled in as the default of the params_yaml pipeline parameter")
+                   help="params.yaml compiled in as the default of the params_json pipeline parameter")
     p.add_argument("--mlflow-secret", metavar="NAME",
                    help="Kubernetes Secret whose keys become the MLflow environment of train, evaluate, export "
                         "and register (default: none, the tracking URI comes from the pod environment)")

@@ -16,11 +16,11 @@ from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
 DEFAULT_IMAGE = "ghcr.io/masksam/masksam:0.1.0"
 
 
-def phantom_data(params_yaml: str, overrides: str, dataset: Output[Dataset]):
+def phantom_data(params_json: str, overrides: str, dataset: Output[Dataset]):
     """Generate the phantom CT dataset (nnU-Net raw layout) with its manifest."""
     from masksam.pipelines import steps
 
-    dataset.metadata.update(steps.phantom_data(dataset.path, params_yaml, overrides))
+    dataset.metadata.update(steps.phantom_data(dataset.path, params_json, overrides))
 
 
 def import_data(repo_url: str, rev: str, path: str, dataset: Output[Dataset]):
@@ -38,29 +38,29 @@ def validate_data(raw: Input[Dataset], report: Output[Markdown]) -> str:
     return identity["dataset_sha256"]
 
 
-def preprocess(raw: Input[Dataset], params_yaml: str, overrides: str,
+def preprocess(raw: Input[Dataset], params_json: str, overrides: str,
                preprocessed: Output[Dataset], report: Output[Markdown]):
     """Resample, normalise and split the raw dataset."""
     from masksam.pipelines import steps
 
-    info = steps.preprocess(raw.path, preprocessed.path, params_yaml, overrides, report.path)
+    info = steps.preprocess(raw.path, preprocessed.path, params_json, overrides, report.path)
     preprocessed.metadata.update(info)
     preprocessed.metadata["dataset_sha256"] = raw.metadata.get("dataset_sha256")
 
 
-def train(data: Input[Dataset], raw: Input[Dataset], params_yaml: str, overrides: str,
+def train(data: Input[Dataset], raw: Input[Dataset], params_json: str, overrides: str,
           model: Output[Model], metrics: Output[Metrics], report: Output[HTML]):
     """Train MaskSAM on one node (the GPU the task was given); log to MLflow."""
     from masksam.pipelines import steps
 
-    summary = steps.train(data.path, raw.path, model.path, params_yaml, overrides, report.path)
+    summary = steps.train(data.path, raw.path, model.path, params_json, overrides, report.path)
     for name, value in steps.scalar_metrics(summary).items():
         metrics.log_metric(name, value)
     model.metadata.update({k: v for k, v in summary.items() if isinstance(v, (str, int, float, bool))})
     model.metadata["framework"] = "pytorch"
 
 
-def train_trainjob(data: Input[Dataset], raw: Input[Dataset], params_yaml: str, overrides: str, image: str,
+def train_trainjob(data: Input[Dataset], raw: Input[Dataset], params_json: str, overrides: str, image: str,
                    num_nodes: int, gpus_per_node: int, pvc_name: str, runtime: str,
                    mlflow_secret: str, mlflow_secret_keys: str,
                    model: Output[Model], metrics: Output[Metrics], report: Output[HTML]):
@@ -68,7 +68,7 @@ def train_trainjob(data: Input[Dataset], raw: Input[Dataset], params_yaml: str, 
     from masksam.pipelines import steps, trainjob
 
     summary = trainjob.run_trainjob_step(
-        data_dir=data.path, raw_dir=raw.path, model_dir=model.path, params_yaml=params_yaml, overrides=overrides,
+        data_dir=data.path, raw_dir=raw.path, model_dir=model.path, params_json=params_json, overrides=overrides,
         image=image, num_nodes=num_nodes, gpus_per_node=gpus_per_node, pvc_name=pvc_name,
         runtime=runtime, mlflow_secret=mlflow_secret, mlflow_secret_keys=mlflow_secret_keys,
         report_path=report.path,
@@ -93,23 +93,23 @@ def evaluate(model: Input[Model], data: Input[Dataset], raw: Input[Dataset],
         metrics.log_metric(f"{metric}.foreground_mean", value)
 
 
-def export(model: Input[Model], data: Input[Dataset], params_yaml: str, overrides: str,
+def export(model: Input[Model], data: Input[Dataset], params_json: str, overrides: str,
            onnx_model: Output[Model], metrics: Output[Metrics]):
     """Export to ONNX and check it against PyTorch."""
     from masksam.pipelines import steps
 
-    summary = steps.export(model.path, data.path, onnx_model.path, params_yaml, overrides)
+    summary = steps.export(model.path, data.path, onnx_model.path, params_json, overrides)
     for name, value in steps.scalar_metrics(summary.get("parity", summary)).items():
         metrics.log_metric(name, value)
     onnx_model.metadata["framework"] = "onnx"
 
 
-def register(model: Input[Model], onnx_model: Input[Model], params_yaml: str, overrides: str,
+def register(model: Input[Model], onnx_model: Input[Model], params_json: str, overrides: str,
              report: Output[Markdown]) -> str:
     """Register the model in MLflow under its name and alias; returns the model URI."""
     from masksam.pipelines import steps
 
-    info = steps.register(model.path, onnx_model.path, params_yaml, overrides, report.path)
+    info = steps.register(model.path, onnx_model.path, params_json, overrides, report.path)
     return info["model_uri"]
 
 

@@ -11,6 +11,7 @@ a moving git revision and registering a model.
 
 # (no `from __future__ import annotations`: kfp reads the pipeline signature at runtime)
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,11 +50,14 @@ class TrainJobOptions:
 
 
 def default_params_text(path: str | os.PathLike = "params.yaml") -> str:
-    """The params.yaml compiled into the pipeline as the ``params_yaml`` default."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"parameters file not found: {path} (run from the project root or pass --params)")
-    return path.read_text()
+    """params.yaml as one line of JSON: the ``params_json`` default compiled into the pipeline.
+
+    One line because kfp copies parameter defaults into the YAML header comment, where a
+    multi-line string would end the comment and corrupt the file.
+    """
+    from masksam.components._io import load_params
+
+    return json.dumps(load_params(path), separators=(",", ":"))
 
 
 def _limits(task: dsl.PipelineTask, name: str) -> None:
@@ -70,7 +74,7 @@ def build_pipeline(
 ) -> Callable:
     """The pipeline function (decorated with ``dsl.pipeline``) for these compile-time choices.
 
-    ``params_text`` is the params.yaml the run uses unless the ``params_yaml`` parameter is
+    ``params_text`` is the params.yaml the run uses unless the ``params_json`` parameter is
     given; ``overrides`` (JSON of ``section.key: value``) adjusts it per run. ``mlflow_secret``
     names a Kubernetes Secret whose keys become the MLflow environment of the steps that talk
     to MLflow; without it they inherit the tracking URI from the environment.
@@ -85,9 +89,9 @@ def build_pipeline(
                                          secret_key_to_env={k: k for k in keys})
         return task
 
-    def dag(params_yaml, overrides, data_repo_url, data_rev, data_path, make_train):
+    def dag(params_json, overrides, data_repo_url, data_rev, data_path, make_train):
         with dsl.If(data_repo_url == "", name="phantom-dataset"):
-            phantom = c.phantom_data(params_yaml=params_yaml, overrides=overrides)
+            phantom = c.phantom_data(params_json=params_json, overrides=overrides)
             phantom.set_retry(DATA_RETRIES, backoff_duration="30s")
             phantom.set_caching_options(True)
             _limits(phantom, "phantom-data")
@@ -103,7 +107,7 @@ def build_pipeline(
         validate.set_retry(DATA_RETRIES, backoff_duration="30s").set_caching_options(True)
         _limits(validate, "validate-data")
 
-        prep = c.preprocess(raw=raw, params_yaml=params_yaml, overrides=overrides).after(validate)
+        prep = c.preprocess(raw=raw, params_json=params_json, overrides=overrides).after(validate)
         prep.set_caching_options(True)
         _limits(prep, "preprocess")
 
@@ -115,19 +119,19 @@ def build_pipeline(
         _limits(ev, "evaluate")
 
         ex = c.export(model=trained.outputs["model"], data=prep.outputs["preprocessed"],
-                      params_yaml=params_yaml, overrides=overrides)
+                      params_json=params_json, overrides=overrides)
         with_mlflow(ex).set_caching_options(True)
         _limits(ex, "export")
 
         reg = c.register(model=trained.outputs["model"], onnx_model=ex.outputs["onnx_model"],
-                         params_yaml=params_yaml, overrides=overrides).after(ev)
+                         params_json=params_json, overrides=overrides).after(ev)
         with_mlflow(reg).set_caching_options(False)
         _limits(reg, "register")
 
     if trainjob is None:
         @dsl.pipeline(name=PIPELINE_NAME, description=__doc__.splitlines()[0])
         def masksam_pipeline(
-            params_yaml: str = params_default,
+            params_json: str = params_default,
             overrides: str = "{}",
             data_repo_url: str = "",
             data_rev: str = "",
@@ -136,18 +140,18 @@ def build_pipeline(
             accelerator_count: int = 1,
         ):
             def make_train(data, raw):
-                task = c.train(data=data, raw=raw, params_yaml=params_yaml, overrides=overrides)
+                task = c.train(data=data, raw=raw, params_json=params_json, overrides=overrides)
                 task.set_cpu_limit(TRAIN_RESOURCES[0]).set_memory_limit(TRAIN_RESOURCES[1])
                 task.set_accelerator_type(accelerator_type).set_accelerator_limit(accelerator_count)
                 return task
 
-            dag(params_yaml, overrides, data_repo_url, data_rev, data_path, make_train)
+            dag(params_json, overrides, data_repo_url, data_rev, data_path, make_train)
 
         return masksam_pipeline
 
     @dsl.pipeline(name=PIPELINE_NAME, description=__doc__.splitlines()[0] + " (training as a TrainJob)")
     def masksam_trainjob_pipeline(
-        params_yaml: str = params_default,
+        params_json: str = params_default,
         overrides: str = "{}",
         data_repo_url: str = "",
         data_rev: str = "",
@@ -157,7 +161,7 @@ def build_pipeline(
     ):
         def make_train(data, raw):
             task = c.train_trainjob(
-                data=data, raw=raw, params_yaml=params_yaml, overrides=overrides, image=image,
+                data=data, raw=raw, params_json=params_json, overrides=overrides, image=image,
                 num_nodes=num_nodes, gpus_per_node=gpus_per_node, pvc_name=trainjob.pvc_name,
                 runtime=trainjob.runtime, mlflow_secret=mlflow_secret or "",
                 mlflow_secret_keys=",".join(keys),
@@ -166,7 +170,7 @@ def build_pipeline(
             kubernetes.mount_pvc(task, pvc_name=trainjob.pvc_name, mount_path=TRAINJOB_MOUNT)
             return task
 
-        dag(params_yaml, overrides, data_repo_url, data_rev, data_path, make_train)
+        dag(params_json, overrides, data_repo_url, data_rev, data_path, make_train)
 
     return masksam_trainjob_pipeline
 

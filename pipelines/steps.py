@@ -85,14 +85,14 @@ def parse_set_options(items: Sequence[str]) -> dict[str, Any]:
     return result
 
 
-def write_params(params_yaml: str, overrides: str | dict | None, directory: str | os.PathLike) -> Path:
+def write_params(params_json: str, overrides: str | dict | None, directory: str | os.PathLike) -> Path:
     """Write the effective params.yaml (compiled-in text plus overrides) into ``directory``."""
-    try:
-        params = yaml.safe_load(params_yaml) or {}
+    try:  # JSON (what the pipeline carries) is YAML too, so a pasted params.yaml also works
+        params = yaml.safe_load(params_json) or {}
     except yaml.YAMLError as exc:
-        raise UserError(f"pipeline parameter 'params_yaml' is not valid YAML: {exc}") from exc
+        raise UserError(f"pipeline parameter 'params_json' is neither JSON nor YAML: {exc}") from exc
     if not isinstance(params, dict):
-        raise UserError("pipeline parameter 'params_yaml' must hold a YAML mapping (a params.yaml)")
+        raise UserError("pipeline parameter 'params_json' must hold a mapping (params.yaml's content)")
     params = apply_overrides(params, parse_overrides(overrides))
     path = Path(directory) / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
@@ -157,10 +157,10 @@ def dataset_identity(raw_dir: str | os.PathLike) -> dict[str, Any]:
     }
 
 
-def phantom_data(out_dir: str, params_yaml: str, overrides: str) -> dict[str, Any]:
+def phantom_data(out_dir: str, params_json: str, overrides: str) -> dict[str, Any]:
     """Generate the phantom dataset into ``out_dir`` and write its manifest."""
     with tempfile.TemporaryDirectory() as tmp:
-        params = write_params(params_yaml, overrides, tmp)
+        params = write_params(params_json, overrides, tmp)
         run_verb(["data", "phantom", "--params", params, "--out", out_dir, "--no-progress"])
     run_verb(["data", "manifest", out_dir, "--no-progress"])
     return {"source": "phantom", **dataset_identity(out_dir)}
@@ -176,12 +176,15 @@ def fetch_dvc_dataset(repo_url: str, rev: str, path: str, out_dir: str | os.Path
     from dvc.api import DVCFileSystem
 
     out = Path(out_dir)
+    fs = None
     try:
         fs = DVCFileSystem(repo_url, rev=rev or None)
-    except Exception as exc:  # dvc raises many types for bad URLs / revisions
+        commit = fs.repo.get_rev()  # resolving the revision is lazy: a bad one fails here
+    except Exception as exc:  # dvc/scmrepo raise many types for bad URLs and revisions
+        if fs is not None:
+            fs.close()
         raise UserError(f"cannot open DVC repository {repo_url!r} at revision {rev or 'HEAD'!r}: {exc}") from exc
     try:
-        commit = fs.repo.get_rev()
         if not fs.exists(path):
             raise UserError(f"{repo_url}@{rev or 'HEAD'}: no path {path!r} (give the DVC-tracked raw dataset folder)")
         if out.exists():
@@ -230,10 +233,10 @@ def markdown_labels(labels: dict[str, int]) -> str:
 # preprocess / train / evaluate / export / register
 
 
-def preprocess(raw_dir: str, out_dir: str, params_yaml: str, overrides: str, report_path: str) -> dict[str, Any]:
+def preprocess(raw_dir: str, out_dir: str, params_json: str, overrides: str, report_path: str) -> dict[str, Any]:
     """Preprocess the raw dataset into ``out_dir``; report the plan."""
     with tempfile.TemporaryDirectory() as tmp:
-        params = write_params(params_yaml, overrides, tmp)
+        params = write_params(params_json, overrides, tmp)
         run_verb(["preprocess", "--params", params, "--raw", raw_dir, "--out", out_dir])
     plan = _read_json(Path(out_dir) / "plan.json") or {}
     splits = _read_json(Path(out_dir) / "splits.json") or {}
@@ -263,11 +266,11 @@ def train_report_html(model_dir: str | os.PathLike, summary: dict[str, Any]) -> 
     return reports.html_page("Training", parts)
 
 
-def train(data_dir: str, raw_dir: str, out_dir: str, params_yaml: str, overrides: str,
+def train(data_dir: str, raw_dir: str, out_dir: str, params_json: str, overrides: str,
           report_path: str) -> dict[str, Any]:
     """Train on the preprocessed dataset; return the summary; report the curve."""
     with tempfile.TemporaryDirectory() as tmp:
-        params = write_params(params_yaml, overrides, tmp)
+        params = write_params(params_json, overrides, tmp)
         run_verb(["train", "--params", params, "--preprocessed", data_dir, "--raw", raw_dir,
                   "--out", out_dir, "--no-progress"])
     summary = read_train_summary(out_dir)
@@ -319,10 +322,10 @@ def evaluate(model_dir: str, data_dir: str, raw_dir: str, out_dir: str, report_p
     return summary
 
 
-def export(model_dir: str, data_dir: str, out_dir: str, params_yaml: str, overrides: str) -> dict[str, Any]:
+def export(model_dir: str, data_dir: str, out_dir: str, params_json: str, overrides: str) -> dict[str, Any]:
     """Export the trained model to ONNX; the export itself refuses a graph that fails parity."""
     with tempfile.TemporaryDirectory() as tmp:
-        params = write_params(params_yaml, overrides, tmp)
+        params = write_params(params_json, overrides, tmp)
         run_verb(["export", "--params", params, "--train", model_dir, "--data", data_dir, "--out", out_dir])
     sidecar = _read_json(Path(out_dir) / "model.onnx.json")
     if sidecar is None:
@@ -330,10 +333,10 @@ def export(model_dir: str, data_dir: str, out_dir: str, params_yaml: str, overri
     return sidecar
 
 
-def register(model_dir: str, onnx_dir: str, params_yaml: str, overrides: str, report_path: str) -> dict[str, Any]:
+def register(model_dir: str, onnx_dir: str, params_json: str, overrides: str, report_path: str) -> dict[str, Any]:
     """Register the trained model (and its ONNX export) in MLflow under the name and alias."""
     with tempfile.TemporaryDirectory() as tmp:
-        params = write_params(params_yaml, overrides, tmp)
+        params = write_params(params_json, overrides, tmp)
         text = run_verb(["register", "--params", params, "--model", model_dir, "--onnx", onnx_dir])
     Path(report_path).write_text("# Model registry\n\n```\n" + text.strip() + "\n```\n")
     return {"model_uri": text.strip().splitlines()[-1] if text.strip() else ""}

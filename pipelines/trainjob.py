@@ -302,7 +302,7 @@ def run_trainjob_step(
     data_dir: str,
     raw_dir: str | None = None,
     model_dir: str,
-    params_yaml: str,
+    params_json: str,
     overrides: str,
     image: str,
     num_nodes: int,
@@ -329,7 +329,7 @@ def run_trainjob_step(
         staged_raw.mkdir()
         for name in ("manifest.json", "dataset.json"):
             shutil.copy2(Path(raw_dir) / name, staged_raw / name)
-    params = steps.write_params(params_yaml, overrides, run_dir)
+    params = steps.write_params(params_json, overrides, run_dir)
     manifest = render_trainjob(
         name=job_name(), image=image, command=train_command(str(params), str(staged_data), str(staged_out),
                                                           str(staged_raw) if staged_raw else None),

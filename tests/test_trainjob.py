@@ -158,7 +158,7 @@ def test_trainjob_step_stages_data_and_collects_the_model(tmp_path):
 
     api = Api("Complete")
     summary = trainjob.run_trainjob_step(
-        data_dir=str(data), model_dir=str(tmp_path / "model"), params_yaml="train: {steps: 3}\n",
+        data_dir=str(data), model_dir=str(tmp_path / "model"), params_json="train: {steps: 3}\n",
         overrides='{"train.steps": 3}', image="img:1", num_nodes=2, gpus_per_node=8, pvc_name="ws",
         runtime="torch-distributed", mlflow_secret="", mlflow_secret_keys="MLFLOW_TRACKING_URI",
         report_path=str(tmp_path / "report.html"), workspace=str(workspace), api=api, poll_s=1,
