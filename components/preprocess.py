@@ -21,6 +21,7 @@ import os
 import zipfile
 import zlib
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -354,7 +355,13 @@ def _run_parallel(fn: Callable, jobs: dict[str, tuple], workers: int, desc: str,
                 futures = {pool.submit(fn, case, *args): case for case, args in jobs.items()}
                 try:
                     for future in as_completed(futures):
-                        results[futures[future]] = future.result()
+                        try:
+                            results[futures[future]] = future.result()
+                        except BrokenProcessPool as exc:
+                            raise UserError(
+                                f"a {desc} worker process died while working on case "
+                                f"'{futures[future]}' (killed for memory?); rerun with fewer --workers"
+                            ) from exc
                         bar.update()
                 except BaseException:
                     for f in futures:
@@ -475,7 +482,8 @@ def _run(args: argparse.Namespace) -> int:
         target = params.get("target_spacing")
     preprocess_dataset(raw, out, target_spacing=target, workers=pick("workers"), folds=pick("folds"),
                        seed=pick("seed"), test_fraction=pick("test_fraction"),
-                       image_interp=pick("image_interp"), label_interp=pick("label_interp"))
+                       image_interp=pick("image_interp"), label_interp=pick("label_interp"),
+                       progress=not args.no_progress)
     return 0
 
 
@@ -510,4 +518,5 @@ def register_cli(subparsers) -> None:
     p.add_argument("--params", metavar="FILE",
                    help="optional params.yaml: its 'preprocess' section fills options not given here "
                    "(and data.out fills --raw)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
     p.set_defaults(func=_run)
