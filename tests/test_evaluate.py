@@ -142,11 +142,12 @@ def test_explicit_csv_plots_and_monai_convention(folders):
 
 
 def test_geometry_mismatch_names_both_files(folders, capsys):
+    """Raised in a worker process, reported by the CLI as a user error naming both files."""
     tmp, arrays = folders
     bad = tmp / "pred" / "case_001.nii.gz"
     write(arrays["case_001"][0], bad, spacing=(0.7, 0.9, 2.5))
     rc = main(["evaluate", "--pred", str(tmp / "pred"), "--gt", str(tmp / "gt"),
-               "--dataset-json", str(tmp / "dataset.json"), "--out", str(tmp / "s.json"), "--workers", "1"])
+               "--dataset-json", str(tmp / "dataset.json"), "--out", str(tmp / "s.json"), "--workers", "2"])
     err = capsys.readouterr().err
     assert rc == 2
     assert str(bad) in err and str(tmp / "gt" / "case_001.nii.gz") in err and "spacing" in err
@@ -170,6 +171,8 @@ def test_bad_inputs_are_user_errors(folders):
         E.evaluate_folders(tmp / "pred", tmp / "gt", LABELS, mlflow_log=False)
     with pytest.raises(UserError, match="convention"):
         E.evaluate_folders(tmp / "pred", tmp / "gt", LABELS, hd_convention="x")
+    with pytest.raises(UserError, match="workers"):
+        E.evaluate_folders(tmp / "pred", tmp / "gt", LABELS, workers=0)
 
 
 def test_mlflow_logging_cli_and_active_run(folders, tmp_path, monkeypatch):

@@ -16,6 +16,13 @@ from masksam.components import metrics as M
 
 medpy_binary = pytest.importorskip("medpy.metric.binary")
 
+# The reference packages' own deprecation noise (MONAI's get_mask_edges, surface-distance's
+# scipy.ndimage.filters imports), not ours.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*always_return_as_numpy:FutureWarning"),
+    pytest.mark.filterwarnings("ignore:Please import .* from the `scipy.ndimage` namespace:DeprecationWarning"),
+]
+
 SPACING = (0.7, 0.9, 3.0)
 SHAPE = (30, 34, 14)
 TOL = 1e-6
