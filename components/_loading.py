@@ -306,10 +306,15 @@ def build_model_from_dir(train_dir: str | os.PathLike, device: str = "cpu"):
     except Exception as exc:  # safetensors raises SafetensorError / OSError
         raise UserError(f"{weights}: not a readable safetensors file ({str(exc)[:200]})") from exc
     try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise UserError(f"{weights}: does not match {train_dir / 'model_config.json'} "
-                        f"({str(exc).splitlines()[0][:300]})") from exc
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        detail = " ".join(str(exc).split())[:500]
+        raise UserError(f"{weights}: does not match {train_dir / 'model_config.json'} ({detail})") from exc
+    if missing or unexpected:  # strict: a partial load would silently run random weights
+        raise UserError(
+            f"{weights}: does not match {train_dir / 'model_config.json'}: {len(missing)} missing "
+            f"keys {missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}; the weights "
+            "come from another model version or config")
     model.eval().to(torch.device(device))
     return model, config, plan, verified
 
