@@ -1,11 +1,22 @@
 """MaskSAM network: prompt-free, mask-classification SAM over slabs of slices.
 
-Pure PyTorch + segment-anything; no file I/O beyond loading a checkpoint path.
+Pure PyTorch + segment-anything; no file I/O beyond checkpoint paths.
 """
 
 from .build import VARIANTS, build_masksam
+from .checkpoint import (
+    CheckpointError,
+    load_masksam_state,
+    load_sam_checkpoint,
+    read_masksam_config,
+    save_masksam_state,
+)
 from .config import MaskSAMConfig
 from .masksam import ClassProbs, MaskSAM
-from .params import parameter_report
+from .params import format_parameter_report, parameter_report
 
-__all__ = ["MaskSAMConfig", "build_masksam", "MaskSAM", "ClassProbs", "VARIANTS", "parameter_report"]
+__all__ = [
+    "MaskSAMConfig", "build_masksam", "MaskSAM", "ClassProbs", "VARIANTS", "parameter_report",
+    "format_parameter_report", "CheckpointError", "load_sam_checkpoint", "save_masksam_state",
+    "load_masksam_state", "read_masksam_config",
+]

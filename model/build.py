@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
 from segment_anything.modeling import PromptEncoder, TwoWayTransformer
 from torch import nn
 
@@ -95,13 +94,6 @@ def build_masksam(cfg: MaskSAMConfig, checkpoint: Optional[str] = None, allow_mi
         from .checkpoint import load_sam_checkpoint
 
         load_sam_checkpoint(model, ckpt, allow_missing=allow_missing)
-    apply_freezing(model, cfg.freeze_sam)
+    apply_freezing(model, cfg.freeze_sam, use_boxes=cfg.use_aux_boxes)
     return model
 
-
-def count_flops_free_forward(model: MaskSAM, batch: int = 1) -> dict[str, torch.Size]:
-    """Output shapes of one forward on zeros (a cheap self-check for callers and docs)."""
-    cfg = model.cfg
-    x = torch.zeros(batch, cfg.in_channels, cfg.slab_depth, cfg.img_size, cfg.img_size)
-    with torch.no_grad():
-        return {k: v.shape for k, v in model(x).items()}

@@ -3,8 +3,8 @@
 SAM's own parameters keep SAM's names (``image_encoder.*``, ``prompt_encoder.*``,
 ``mask_decoder.*``); MaskSAM's additions are recognised by name (``is_new_parameter``). With
 ``freeze_sam`` all of SAM's weights are frozen and only the additions train (the paper).
-SAM's IoU head and the hypernetworks of its three multimask tokens never contribute to the
-output (one mask per query), so they are frozen in either case.
+SAM parameters that never contribute to the output (IoU head, multimask hypernetworks, point
+and no-mask embeddings) are frozen in either case.
 """
 
 from __future__ import annotations
@@ -18,7 +18,11 @@ _NEW = re.compile(
     r"image_encoder\.blocks\.\d+\.adapter\.|mask_decoder\.cls_token\.|mask_decoder\.cls_head\.|"
     r"mask_decoder\.image_adapter\.|mask_decoder\.token_adapters\.)"
 )
-_UNUSED = re.compile(r"^mask_decoder\.(iou_prediction_head\.|output_hypernetworks_mlps\.[1-9]\d*\.)")
+_UNUSED = re.compile(
+    r"^(mask_decoder\.(iou_prediction_head\.|output_hypernetworks_mlps\.[1-9]\d*\.)|"
+    r"prompt_encoder\.(point_embeddings\.[01]\.|not_a_point_embed\.|no_mask_embed\.))"
+)
+_BOX_CORNERS = re.compile(r"^prompt_encoder\.point_embeddings\.[23]\.")
 
 
 def is_new_parameter(name: str) -> bool:
@@ -26,18 +30,21 @@ def is_new_parameter(name: str) -> bool:
     return bool(_NEW.match(name))
 
 
-def is_unused_sam_parameter(name: str) -> bool:
-    """SAM parameters the single-mask classifier decoder never uses (IoU head, multimask MLPs)."""
-    return bool(_UNUSED.match(name))
+def is_unused_sam_parameter(name: str, use_boxes: bool = True) -> bool:
+    """SAM parameters MaskSAM's forward never uses: the IoU head and multimask MLPs (one mask
+    per query), the point/no-mask embeddings (prompts are always a mask and a box), and the box
+    corner embeddings when box prompts are switched off."""
+    return bool(_UNUSED.match(name)) or (not use_boxes and bool(_BOX_CORNERS.match(name)))
 
 
-def apply_freezing(model: nn.Module, freeze_sam: bool) -> None:
-    """Set ``requires_grad``: additions always train; SAM's weights train only if not frozen."""
+def apply_freezing(model: nn.Module, freeze_sam: bool, use_boxes: bool = True) -> None:
+    """Set ``requires_grad``: additions always train; SAM's weights train only if not frozen
+    (and never the ones the forward does not use, so optimisers see no dead parameters)."""
     for name, p in model.named_parameters():
         if is_new_parameter(name):
             p.requires_grad_(True)
         else:
-            p.requires_grad_(not freeze_sam and not is_unused_sam_parameter(name))
+            p.requires_grad_(not freeze_sam and not is_unused_sam_parameter(name, use_boxes))
 
 
 def parameter_report(model: nn.Module) -> dict:
