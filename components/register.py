@@ -1,0 +1,251 @@
+"""``masksam register``: log the exported model as an MLflow pyfunc and register it.
+
+The registered model is the ONNX graph plus its sidecar (no pickled torch model), served by
+``components/_pyfunc.py`` as a model from code, with masksam's own source shipped in
+``code_paths`` so loading needs neither a masksam install nor the training weights. Each version
+carries lineage tags (git commit, DVC/data hashes, training run, evaluation metrics, test-set id,
+ONNX sha256). The ``champion`` alias moves only when the new version's mean foreground Dice beats
+the current champion's on the same test set; otherwise the version becomes ``challenger``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from masksam.components._io import load_params, read_json
+from masksam.components._loading import ONNX_NAME, read_sidecar, sha256_file, sidecar_path, verify_files
+from masksam.errors import UserError
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# what the pyfunc imports at serving time (masksam.model.inference pulls torch; masksam.model's
+# package __init__ pulls segment-anything/torchvision)
+SERVING_PACKAGES = ("onnxruntime", "SimpleITK", "numpy", "scipy", "torch", "torchvision",
+                    "segment-anything", "pyyaml", "tqdm", "mlflow")
+
+
+@dataclass
+class Decision:
+    version: str
+    alias: str
+    reason: str
+    previous_champion: str | None
+
+
+def stage_code(dst: Path) -> Path:
+    """Assemble the importable ``masksam`` package (masksam/, model/, components/) under ``dst``;
+    the installed layout maps three top-level folders into one namespace, so it is rebuilt here."""
+    pkg = dst / "masksam"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+    shutil.copytree(REPO_ROOT / "masksam", pkg, ignore=ignore)
+    shutil.copytree(REPO_ROOT / "model", pkg / "model", ignore=ignore)
+    shutil.copytree(REPO_ROOT / "components", pkg / "components", ignore=ignore)
+    return pkg
+
+
+def pip_requirements() -> list[str]:
+    """Pinned serving requirements from this environment's installed versions."""
+    reqs = []
+    for name in SERVING_PACKAGES:
+        try:
+            reqs.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            reqs.append(name)
+    return reqs
+
+
+def example_volume(plan: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+    """A small CT-like volume (air around a water-density body) and its params, for the
+    model's input example; it runs through the whole model when MLflow validates it."""
+    z, y, x = np.meshgrid(np.linspace(-1, 1, 8), np.linspace(-1, 1, 24), np.linspace(-1, 1, 24), indexing="ij")
+    vol = np.where(x ** 2 / 0.7 + y ** 2 / 0.5 < 1, 40.0, -1000.0).astype(np.float32)
+    vol[(x + 0.3) ** 2 + y ** 2 + z ** 2 < 0.15] = 120.0
+    n_channels = len(plan.get("channel_names", {"0": ""}))
+    if n_channels > 1:
+        vol = np.stack([vol] * n_channels)
+    spacing = [float(s) for s in plan.get("target_spacing_xyz", [1.0, 1.0, 1.0])]
+    return vol, {"spacing": spacing}
+
+
+def signature(plan: dict[str, Any]):
+    """Tensor signature: float32 volume in, uint8 labels out; geometry and options as params."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
+
+    n_channels = len(plan.get("channel_names", {"0": ""}))
+    shape = (-1, -1, -1) if n_channels == 1 else (n_channels, -1, -1, -1)
+    return ModelSignature(
+        # unnamed tensors: the pyfunc gets a plain ndarray, REST takes {"inputs": nested lists}
+        inputs=Schema([TensorSpec(np.dtype(np.float32), shape)]),
+        outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1))]),
+        params=ParamSchema([
+            ParamSpec("spacing", "double", [1.0, 1.0, 1.0], (-1,)),
+            ParamSpec("origin", "double", [0.0, 0.0, 0.0], (-1,)),
+            ParamSpec("direction", "double", [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0], (-1,)),
+            ParamSpec("mirror", "boolean", False),
+            ParamSpec("overlap", "double", 0.5),
+        ]),
+    )
+
+
+def test_set_id(evaluation: dict[str, Any]) -> str:
+    """sha256 over the evaluated case ids and, where still on disk, their reference label files:
+    two evaluations are comparable only when this agrees."""
+    if evaluation.get("test_set_id"):
+        return str(evaluation["test_set_id"])
+    cases = sorted(str(c["case"]) for c in evaluation.get("metric_per_case", []))
+    if not cases:
+        raise UserError("evaluation summary lists no cases (metric_per_case); run masksam evaluate")
+    digest = hashlib.sha256("\n".join(cases).encode())
+    ref = Path(str(evaluation.get("reference_folder", "")))
+    if ref.is_dir():
+        for case in cases:
+            for path in sorted(ref.glob(f"{case}.*")):
+                digest.update(f"{path.name}:{sha256_file(path)}".encode())
+    return digest.hexdigest()
+
+
+def mean_dice(evaluation: dict[str, Any], path: Path) -> float:
+    try:
+        return float(evaluation["foreground_mean"]["Dice"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"{path}: no foreground_mean.Dice; it is not a masksam evaluate summary") from exc
+
+
+def decide_alias(client, name: str, new_version: str, new_dice: float, new_test_set: str,
+                 alias: str = "champion") -> Decision:
+    """Move ``alias`` to the new version only if it beats the current holder on the same test
+    set; otherwise tag the new version ``challenger``."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        current = client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        current = None
+    if current is None or current.version == new_version:
+        client.set_registered_model_alias(name, alias, new_version)
+        return Decision(new_version, alias, f"no current {alias}", None)
+    tags = current.tags or {}
+    old_set, old_dice = tags.get("test_set_id"), tags.get("eval.mean_dice")
+    if old_set != new_test_set or old_dice is None:
+        reason = (f"not comparable: {alias} v{current.version} was evaluated on test set "
+                  f"{str(old_set)[:12]}, this version on {new_test_set[:12]}")
+    elif new_dice > float(old_dice):
+        client.set_registered_model_alias(name, alias, new_version)
+        return Decision(new_version, alias, f"mean Dice {new_dice:.4f} > {alias} v{current.version}'s "
+                        f"{float(old_dice):.4f} on the same test set", current.version)
+    else:
+        reason = (f"mean Dice {new_dice:.4f} <= {alias} v{current.version}'s {float(old_dice):.4f} on "
+                  "the same test set")
+    client.set_registered_model_alias(name, "challenger", new_version)
+    return Decision(new_version, "challenger", reason, current.version)
+
+
+def register(train_dir: str | os.PathLike, export_dir: str | os.PathLike, eval_file: str | os.PathLike, *,
+             model_name: str = "masksam", alias: str = "champion", experiment: str = "masksam",
+             tracking_uri: str | None = None) -> Decision:
+    """Log ``export_dir``'s ONNX model as a pyfunc, register it and decide its alias."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from masksam.components import _tracking
+
+    train_dir, export_dir, eval_file = Path(train_dir), Path(export_dir), Path(eval_file)
+    onnx_path = export_dir / ONNX_NAME
+    if not onnx_path.is_file():
+        raise UserError(f"{onnx_path}: not found; run masksam export first")
+    meta = read_sidecar(onnx_path)
+    verify_files(export_dir, meta["files"], str(sidecar_path(onnx_path)))
+    summary_path = train_dir / "train_summary.json"
+    train_summary = read_json(summary_path, "training summary")
+    weights_sha = (train_summary.get("hashes") or {}).get("model.safetensors")
+    exported_from = (meta.get("source") or {}).get("weights_sha256")
+    if weights_sha and exported_from and weights_sha != exported_from:
+        raise UserError(f"{onnx_path}: was exported from weights {exported_from[:12]}, but {summary_path} "
+                        f"records {weights_sha[:12]}; re-export this training run before registering")
+    evaluation = read_json(eval_file, "evaluation summary")
+    dice = mean_dice(evaluation, eval_file)
+    test_set = test_set_id(evaluation)
+
+    uri = _tracking.check_tracking(_tracking.tracking_uri(tracking_uri))
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment)
+    lineage = _tracking.lineage_tags(meta["plan"])
+    version_tags = {
+        **{k: v for k, v in lineage.items() if k == "git_commit" or k.startswith(("dvc.", "data."))},
+        "train_run_id": str(train_summary.get("mlflow_run_id")),
+        "train_weights_sha256": str(weights_sha),
+        "onnx_sha256": meta["files"][ONNX_NAME],
+        "sidecar_sha256": sha256_file(sidecar_path(onnx_path)),
+        "test_set_id": test_set,
+        "eval.mean_dice": f"{dice:.6f}",
+        "eval.n_cases": str(evaluation.get("n_cases", "")),
+        **{f"eval.{k.lower()}": f"{float(v):.6f}" for k, v in evaluation["foreground_mean"].items()
+           if isinstance(v, (int, float)) and k != "Dice"},
+    }
+    artifacts = {"onnx": str(onnx_path), "sidecar": str(sidecar_path(onnx_path))}
+    data_file = export_dir / (ONNX_NAME + ".data")
+    if data_file.is_file():
+        artifacts["onnx_data"] = str(data_file)
+    example = example_volume(meta["plan"])
+    with tempfile.TemporaryDirectory(prefix="masksam-code-") as code_dir:
+        code = stage_code(Path(code_dir))
+        with mlflow.start_run(run_name="register", tags={**lineage, "step": "register"}) as run:
+            mlflow.log_metrics({"test_mean_dice": dice})
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(Path(__file__).with_name("_pyfunc_entry.py")),
+                artifacts=artifacts, code_paths=[str(code)], signature=signature(meta["plan"]),
+                input_example=example, pip_requirements=pip_requirements(),
+                registered_model_name=model_name,
+            )
+    new_version = str(info.registered_model_version)
+    client = MlflowClient()
+    for key, value in version_tags.items():
+        client.set_model_version_tag(model_name, new_version, key, value)
+    client.set_model_version_tag(model_name, new_version, "register_run_id", run.info.run_id)
+    decision = decide_alias(client, model_name, new_version, dice, test_set, alias)
+    log.info("registered %s version %s (run %s)", model_name, new_version, run.info.run_id)
+    return decision
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "register", help="log the exported model as an MLflow pyfunc, register it, set its alias",
+        description="Register the ONNX model of `masksam export` as an MLflow pyfunc (preprocessing "
+        "and restoring inside; no torch pickle) with lineage tags. The champion alias moves only "
+        "when the new version beats the current champion's mean Dice on the same test set; else "
+        "the version gets the challenger alias. The tracking server is MLFLOW_TRACKING_URI "
+        "(default sqlite:///mlflow.db).")
+    p.add_argument("--train", required=True, help="checkpoint directory of the training run")
+    p.add_argument("--export", required=True, help="directory written by masksam export")
+    p.add_argument("--eval", required=True, help="evaluation summary JSON written by masksam evaluate")
+    p.add_argument("--model-name", help="registered model name (default: params register.model_name)")
+    p.add_argument("--alias", help="alias of the best version (default: params register.alias, champion)")
+    p.add_argument("--experiment", help="MLflow experiment (default: params train.experiment)")
+    p.add_argument("--params", default="params.yaml", help="parameters file")
+    p.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    have = Path(args.params).is_file()
+    params = load_params(args.params, "register") if have else {}
+    experiment = args.experiment or (load_params(args.params, "train").get("experiment") if have else None)
+    decision = register(args.train, args.export, args.eval,
+                        model_name=args.model_name or params.get("model_name", "masksam"),
+                        alias=args.alias or params.get("alias", "champion"),
+                        experiment=experiment or "masksam")
+    print(f"masksam register: version {decision.version} -> @{decision.alias} ({decision.reason})")
+    return 0
