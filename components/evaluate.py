@@ -345,9 +345,11 @@ def evaluate_folders(
     finally:
         progress.close()
     per_case = [r for r in results if r is not None]
-    for entry in per_case:
-        if "labels_not_in_dataset_json" in entry:
-            log.warning("case %s has labels not in dataset.json: %s", entry["case"], entry["labels_not_in_dataset_json"])
+    odd = [e for e in per_case if "labels_not_in_dataset_json" in e]
+    if odd:
+        values = sorted({v for e in odd for vs in e["labels_not_in_dataset_json"].values() for v in vs})
+        log.warning("%d of %d cases hold label values that dataset.json does not name, so they are not "
+                    "scored: %s (per case: labels_not_in_dataset_json in the summary)", len(odd), len(per_case), values)
     mean, foreground_mean = aggregate(per_case, label_ids)
     summary: dict[str, Any] = {
         "foreground_mean": foreground_mean,
