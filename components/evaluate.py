@@ -20,6 +20,7 @@ import math
 import multiprocessing
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -332,7 +333,7 @@ def evaluate_folders(
                 results[i] = _score_file_pair(job)
                 progress.update()
         else:
-            ctx = multiprocessing.get_context("spawn")  # no fork of a threaded parent (MLflow, torch)
+            ctx = multiprocessing.get_context(_start_method())
             with cf.ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx) as pool:
                 futures = {pool.submit(_score_file_pair, job): i for i, job in enumerate(jobs)}
                 try:
@@ -376,6 +377,13 @@ def evaluate_folders(
     log.info("foreground mean over %d cases: Dice %.4f, HD95 %.2f mm, NSD@%gmm %.4f",
              len(per_case), fm["Dice"], fm["HD95"], tolerance_mm, fm["NSD"])
     return summary
+
+
+def _start_method() -> str:
+    """'spawn' (no fork of a parent whose threads belong to MLflow or torch), except when the
+    main script cannot be re-imported by a spawned child (code piped through stdin): 'fork'."""
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    return "spawn" if main_file is None or os.path.isfile(main_file) else "fork"
 
 
 def _maybe_log_mlflow(summary: Mapping[str, Any], files: Sequence[Path], mlflow_log: bool | None) -> None:

@@ -129,8 +129,11 @@ def test_cli_folder_mode_json_csv_plots(folders):
     assert not [p for p in (tmp / "eval").rglob(".*")], "temporary files left behind"
 
 
-def test_explicit_csv_plots_and_monai_convention(folders):
+def test_explicit_csv_plots_and_monai_convention(folders, caplog):
     tmp, arrays = folders
+    stray = arrays["case_001"][0].copy()
+    stray[0, 0, 0] = 7  # a label value dataset.json does not name: reported, not scored
+    write(stray, tmp / "pred" / "case_001.nii.gz")
     summary = E.evaluate_folders(tmp / "pred", tmp / "gt", LABELS, hd_convention="monai",
                                  out_csv=tmp / "x.csv", plots_dir=tmp / "figs", mlflow_log=False)
     pred, gt = arrays["case_000"]
@@ -139,6 +142,9 @@ def test_explicit_csv_plots_and_monai_convention(folders):
     assert summary["metric_per_case"][0]["metrics"]["1"]["HD95"] == pytest.approx(want["1"]["HD95"])
     assert summary["conventions"]["hd_convention"] == "monai"
     assert (tmp / "x.csv").is_file() and (tmp / "figs" / "boxplot_NSD.png").is_file()
+    entry = summary["metric_per_case"][1]
+    assert entry["labels_not_in_dataset_json"] == {"prediction": [7], "reference": []}
+    assert "1 of 3 cases hold label values that dataset.json does not name" in caplog.text
 
 
 def test_geometry_mismatch_names_both_files(folders, capsys):
