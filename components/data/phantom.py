@@ -627,7 +627,7 @@ def generate_phantom(
     if cases < 1:
         raise UserError(f"--cases must be >= 1, got {cases}")
     size_xyz = tuple(int(s) for s in size_xyz)
-    if len(size_xyz) != 3 or min(size_xyz) < 16 or size_xyz[2] < 4:
+    if len(size_xyz) != 3 or min(size_xyz[:2]) < 16 or size_xyz[2] < 4:
         raise UserError(f"--size must be three voxel counts X Y Z, at least 16 16 4; got {size_xyz}")
     _check_replaceable(out)
     with atomic_path(out) as tmp:
