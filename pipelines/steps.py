@@ -13,14 +13,14 @@ to a temporary file and passed as ``--params``.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
-from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -104,22 +104,20 @@ def write_params(params_json: str, overrides: str | dict | None, directory: str 
 
 
 def run_verb(argv: Sequence[str]) -> str:
-    """Run ``masksam ARGV`` in this process; return what it printed; a failure raises.
+    """Run ``masksam ARGV`` in a fresh interpreter; return what it printed; a failure raises.
 
-    The output is echoed as well, so the step's log in the KFP UI shows it.
+    A subprocess, not ``masksam.cli.main`` in-process: inside a KFP task the executor has kfp
+    half-imported, and the CLI's verb discovery importing ``kfp.compiler`` there fails with a
+    circular import. stdout is echoed (the step's log in the KFP UI); stderr passes through.
     """
-    from masksam.cli import main
-
     argv = [str(a) for a in argv]
     log.info("masksam %s", " ".join(argv))
-    buffer = io.StringIO()
-    with redirect_stdout(buffer):
-        rc = main(argv)
-    printed = buffer.getvalue()
-    print(printed, end="")
-    if rc:
-        raise RuntimeError(f"`masksam {' '.join(argv)}` failed with exit status {rc} (its message is above)")
-    return printed
+    proc = subprocess.run([sys.executable, "-m", "masksam", *argv], stdout=subprocess.PIPE, text=True)
+    print(proc.stdout, end="", flush=True)
+    if proc.returncode:
+        raise RuntimeError(f"`masksam {' '.join(argv)}` failed with exit status {proc.returncode} "
+                           "(its message is above)")
+    return proc.stdout
 
 
 def _read_json(path: Path) -> Any:
