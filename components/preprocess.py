@@ -339,34 +339,42 @@ def _preprocess_and_write(case: str, paths: list[Path], label_path: Path, plan: 
     return case, list(image.shape)
 
 
-def _run_parallel(fn: Callable, jobs: dict[str, tuple], workers: int, desc: str, progress: bool) -> dict:
-    """``{case: fn(case, *args)}`` over a process pool (or inline for one worker), with tqdm."""
+def _make_pool(workers: int, jobs: int) -> ProcessPoolExecutor | None:
+    """One spawn-based pool for both passes (None: run inline); ITK threads split among workers."""
+    workers = min(workers, jobs)
+    if workers <= 1:
+        return None
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    return ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
+                               initializer=_init_worker, initargs=(threads,))
+
+
+def _run_parallel(fn: Callable, jobs: dict[str, tuple], pool: ProcessPoolExecutor | None, desc: str,
+                  progress: bool) -> dict:
+    """``{case: fn(case, *args)}`` over the pool (or inline without one), with a tqdm bar."""
     results = {}
     bar = tqdm(total=len(jobs), desc=desc, unit="case", disable=not progress)
     try:
-        if workers <= 1:
+        if pool is None:
             for case, args in jobs.items():
                 results[case] = fn(case, *args)
                 bar.update()
         else:
-            threads = max(1, (os.cpu_count() or 1) // workers)
-            with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
-                                     initializer=_init_worker, initargs=(threads,)) as pool:
-                futures = {pool.submit(fn, case, *args): case for case, args in jobs.items()}
-                try:
-                    for future in as_completed(futures):
-                        try:
-                            results[futures[future]] = future.result()
-                        except BrokenProcessPool as exc:
-                            raise UserError(
-                                f"a {desc} worker process died while working on case "
-                                f"'{futures[future]}' (killed for memory?); rerun with fewer --workers"
-                            ) from exc
-                        bar.update()
-                except BaseException:
-                    for f in futures:
-                        f.cancel()
-                    raise
+            futures = {pool.submit(fn, case, *args): case for case, args in jobs.items()}
+            try:
+                for future in as_completed(futures):
+                    try:
+                        results[futures[future]] = future.result()
+                    except BrokenProcessPool as exc:
+                        raise UserError(
+                            f"a {desc} worker process died while working on case "
+                            f"'{futures[future]}' (killed for memory?); rerun with fewer --workers"
+                        ) from exc
+                    bar.update()
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
     finally:
         bar.close()
     return {case: results[case] for case in sorted(results)}
@@ -421,9 +429,22 @@ def preprocess_dataset(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, *
         "seed": seed,
         "cases": sorted(cases),
     }
+    pool = _make_pool(workers, len(cases))
+    try:
+        plan = _plan_and_write(plan, splits, cases, out_dir, target_spacing, pool, progress)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    return plan
+
+
+def _plan_and_write(plan: dict, splits: dict, cases: dict, out_dir, target_spacing,
+                    pool: ProcessPoolExecutor | None, progress: bool) -> dict:
+    """Fingerprint pass, plan, then the preprocessing pass into a temporary OUT renamed at the end."""
+    channels = plan["channel_names"]
     n_samples = fp.samples_per_case(len(cases))
     jobs = {case: (paths, label, plan, n_samples) for case, (paths, label) in cases.items()}
-    found = _run_parallel(_fingerprint_case, jobs, workers, "fingerprint", progress)
+    found = _run_parallel(_fingerprint_case, jobs, pool, "fingerprint", progress)
     entries = {case: r[1] for case, r in found.items()}
     sources = sorted({r[3] for r in found.values()})
     intensity = {}
@@ -450,7 +471,7 @@ def preprocess_dataset(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, *
     with atomic_path(out) as tmp:
         (tmp / "cases").mkdir(parents=True)
         jobs = {case: (paths, label, plan, tmp / "cases") for case, (paths, label) in cases.items()}
-        shapes = _run_parallel(_preprocess_and_write, jobs, workers, "preprocess", progress)
+        shapes = _run_parallel(_preprocess_and_write, jobs, pool, "preprocess", progress)
         plan["preprocessed_shapes_zyx"] = {case: r[1] for case, r in shapes.items()}
         _dump_json(tmp / "plan.json", plan)
         _dump_json(tmp / "splits.json", splits)
