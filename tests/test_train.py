@@ -1,0 +1,248 @@
+"""`masksam train` end to end on tiny real data: checkpoint dir, MLflow run, repeatability,
+exact resume after SIGKILL, and clear errors for broken inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from masksam.components.train import TrainConfig, state_hash, train
+from masksam.errors import UserError
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _delivery_fixtures import write_raw_dataset  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+MASKSAM = str(Path(sys.executable).with_name("masksam"))
+TINY_MODEL = {"variant": "tiny", "img_size": 32, "slab_depth": 4, "num_queries": 5, "freeze_sam": False}
+
+
+def tiny_train(**over) -> TrainConfig:
+    base = dict(steps=3, val_every=2, batch_size=1, lr=1e-3, num_points=64, mlflow=False, overlay_cases=1,
+                val_cases=1)
+    base.update(over)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def preprocessed(tmp_path_factory) -> Path:
+    """Six phantom CT cases through the real preprocessing (2 folds, 1 test case)."""
+    from masksam.components.preprocess import preprocess_dataset
+
+    root = tmp_path_factory.mktemp("train-data")
+    raw = write_raw_dataset(root / "raw", 6)
+    from masksam.components.data.manifest import write_manifest
+
+    write_manifest(raw, progress=False)
+    out = root / "preprocessed"
+    preprocess_dataset(raw, out, target_spacing=[2.0, 2.0, 3.0], workers=1, folds=2, seed=0,
+                       test_fraction=0.2, progress=False)
+    return out
+
+
+def _params_file(tmp_path: Path, preprocessed: Path, out: Path, **train_over) -> Path:
+    train_section = {k: v for k, v in vars(tiny_train(**train_over)).items()}
+    train_section["out"] = str(out)
+    params = {"preprocess": {"out": str(preprocessed)}, "model": TINY_MODEL, "train": train_section}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def test_train_writes_checkpoint_dir_and_mlflow_run(preprocessed, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "train"
+    params = {"model": TINY_MODEL, "train": {"steps": 3}}
+    summary = train(preprocessed, out, TINY_MODEL, tiny_train(mlflow=True), params=params, tracking=uri,
+                    raw_dir=preprocessed.parent / "raw", progress=False)
+
+    for name in ("model_config.json", "plan.json", "checkpoint_last.pt", "checkpoint_best.pt",
+                 "model.safetensors", "train_summary.json", "history.csv", "learning_curve.png"):
+        assert (out / name).is_file(), name
+    assert list((out / "overlays").glob("*.png"))
+    ckpt = torch.load(out / "checkpoint_last.pt", weights_only=True)
+    assert ckpt["step"] == 3
+    assert {"model", "optimizer", "scheduler", "scaler", "rng", "epoch", "best_metric"} <= set(ckpt)
+    assert {"torch", "numpy", "python"} <= set(ckpt["rng"])
+    assert 0.0 <= ckpt["best_metric"] <= 1.0
+    disk = json.loads((out / "train_summary.json").read_text())
+    assert disk["steps"] == 3 and disk["mlflow_run_id"] == summary["mlflow_run_id"]
+
+    # The prediction side reads the directory back with the contract's loader (strict, hashed).
+    from masksam.components._loading import build_model_from_dir
+
+    model, config, plan, verified = build_model_from_dir(out)
+    assert verified and config["img_size"] == 32 and plan["labels"]["spleen"] == 2
+
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.steps"] == "3"
+    assert run.data.params["effective.model.img_size"] == "32"
+    assert run.data.params["effective.train.lr"] == "0.001"
+    tags = run.data.tags
+    assert tags["git_commit"] and tags["host"] and tags["torch_version"] == torch.__version__
+    manifest = json.loads((preprocessed.parent / "raw" / "manifest.json").read_text())
+    assert tags["data.dataset_sha256"] == manifest["dataset_sha256"]
+    assert "segment_anything_version" in tags
+    losses = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in losses] == [1, 2, 3]
+    assert {"loss_ce", "lr", "val_mean_dice", "val_dice_liver", "val_dice_spleen"} <= set(run.data.metrics)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_mean_dice")] == [2, 3]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"plan.json", "learning_curve.png", "history.csv", "overlays", "params.yaml"} <= artifacts
+
+
+def test_same_seed_same_weights_other_seed_differs(preprocessed, tmp_path):
+    hashes = []
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        s = train(preprocessed, tmp_path / name, TINY_MODEL, tiny_train(steps=2, val_every=0, seed=seed),
+                  progress=False)
+        hashes.append(s["param_sha256"])
+    assert hashes[0] == hashes[1]
+    assert hashes[0] != hashes[2]
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(preprocessed, tmp_path):
+    """Kill a CLI training with SIGKILL after its first checkpoint; --resume ends bitwise equal."""
+    steps = 6
+    ref = train(preprocessed, tmp_path / "ref", TINY_MODEL,
+                tiny_train(steps=steps, val_every=2, checkpoint_every=2), progress=False)
+
+    out = tmp_path / "killed"
+    params = _params_file(tmp_path, preprocessed, out, steps=steps, val_every=2, checkpoint_every=2)
+    cmd = [MASKSAM, "train", "--params", str(params), "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    ckpt = out / "checkpoint_last.pt"
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stdout.read().decode()[-2000:]
+    killed_at = torch.load(ckpt, weights_only=True)["step"]
+    assert killed_at < steps, "the run finished before it could be killed"
+
+    res = subprocess.run(cmd + ["--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    state = torch.load(ckpt, weights_only=True)
+    assert state["step"] == steps
+    assert state_hash(state["model"]) == ref["param_sha256"]
+    resumed = json.loads((out / "train_summary.json").read_text())
+    assert resumed["resumed"] is True and resumed["hashes"]["model.safetensors"] == \
+        json.loads((tmp_path / "ref" / "train_summary.json").read_text())["hashes"]["model.safetensors"]
+
+
+def test_missing_and_corrupt_inputs_are_user_errors(preprocessed, tmp_path):
+    cfg = tiny_train(steps=1)
+    with pytest.raises(UserError, match="preprocessed dataset not found"):
+        train(tmp_path / "nope", tmp_path / "o", TINY_MODEL, cfg, progress=False)
+
+    broken = tmp_path / "broken"
+    shutil.copytree(preprocessed, broken)
+    (broken / "splits.json").unlink()
+    with pytest.raises(UserError, match="splits.json"):
+        train(broken, tmp_path / "o", TINY_MODEL, cfg, progress=False)
+
+    shutil.rmtree(broken)
+    shutil.copytree(preprocessed, broken)
+    with pytest.raises(UserError, match="--fold 7"):
+        train(broken, tmp_path / "o", TINY_MODEL, tiny_train(fold=7), progress=False)
+    first = json.loads((broken / "splits.json").read_text())["folds"][0]["train"][0]
+    (broken / "cases" / f"{first}.npz").write_bytes(b"not a zip file")
+    with pytest.raises(UserError, match=f"{first}.npz"):
+        train(broken, tmp_path / "o", TINY_MODEL, cfg, progress=False)
+
+    with pytest.raises(UserError, match="unknown MaskSAMConfig keys|invalid model"):
+        train(preprocessed, tmp_path / "o", {**TINY_MODEL, "bogus": 1}, cfg, progress=False)
+
+    # --resume without a checkpoint, and with a corrupt one.
+    with pytest.raises(UserError, match="checkpoint not found"):
+        train(preprocessed, tmp_path / "fresh", TINY_MODEL, cfg, resume=True, progress=False)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "checkpoint_last.pt").write_bytes(b"\x00garbage")
+    with pytest.raises(UserError, match="cannot be loaded"):
+        train(preprocessed, tmp_path / "bad", TINY_MODEL, cfg, resume=True, progress=False)
+
+
+def test_cli_reports_user_error_and_help(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"model": TINY_MODEL, "train": {"steps": 1, "mlflow": False},
+                                      "preprocess": {"out": str(tmp_path / "missing")}}))
+    res = subprocess.run([MASKSAM, "train", "--params", str(params)], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=120)
+    assert res.returncode == 2
+    assert "preprocessed dataset not found" in res.stderr and "Traceback" not in res.stderr
+    res = subprocess.run([MASKSAM, "train", "--help"], capture_output=True, text=True, timeout=120)
+    for opt in ("--resume", "--fold", "--steps", "--device", "--preprocessed", "--out", "--precision"):
+        assert opt in res.stdout
+    params.write_text(yaml.safe_dump({"model": TINY_MODEL, "train": {"stepz": 1}}))
+    res = subprocess.run([MASKSAM, "train", "--params", str(params)], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=120)
+    assert res.returncode == 2 and "stepz" in res.stderr
+
+
+def test_poly_schedule_and_precision_resolution():
+    from masksam.components.train import poly_lambda, resolve_precision
+
+    f = poly_lambda(100, 0.9, 0)
+    assert f(0) == 1.0 and f(100) == 0.0 and 0 < f(50) < 1 and f(10) > f(20)
+    g = poly_lambda(100, 0.9, 10)
+    assert g(0) == pytest.approx(0.1) and g(9) == pytest.approx(1.0)
+    assert resolve_precision("auto", torch.device("cpu")) == torch.float32
+    assert resolve_precision("bf16", torch.device("cpu")) == torch.bfloat16
+    with pytest.raises(UserError, match="fp16 needs CUDA"):
+        resolve_precision("fp16", torch.device("cpu"))
+
+
+def test_sampler_oversamples_foreground_and_is_seeded():
+    from masksam.components._sampler import SlabDataset, make_case
+
+    rng = np.random.default_rng(0)
+    label = np.zeros((12, 64, 64), np.uint8)
+    label[5:7, 40:44, 10:14] = 1  # a tiny organ
+    image = rng.normal(size=(1, 12, 64, 64)).astype(np.float32)
+    case = make_case("c", image, label)
+
+    def hit_rate(fg: float) -> float:
+        ds = SlabDataset([case], 2, 16, fg, seed=3, augmentation=None)
+        return float(np.mean([(ds[i]["label"] > 0).any().item() for i in range(200)]))
+
+    assert hit_rate(1.0) == 1.0
+    assert hit_rate(0.0) < 0.3
+    ds = SlabDataset([case], 4, 16, 0.5, seed=3)
+    a, b = ds[17], ds[17]
+    assert a["image"].shape == (1, 4, 16, 16) and a["label"].dtype == torch.int64
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+    other_rank = SlabDataset([case], 4, 16, 0.5, seed=3, rank=1)[17]
+    assert not torch.equal(a["image"], other_rank["image"])
+
+
+def test_augmentation_keeps_slices_and_label_values():
+    from masksam.components._augment import AugmentConfig, augment, build_augmentation
+
+    image = np.zeros((1, 3, 24, 24), np.float32)
+    label = np.zeros((3, 24, 24), np.int64)
+    label[1, 6:18, 10:14] = 2
+    image[0][label > 0] = 1.0
+    always = AugmentConfig(p_spatial=1.0, p_noise=0, p_blur=0, p_brightness=0, p_shift=0, p_gamma=0)
+    t = build_augmentation((3, 16, 16), always)
+    img, lab = augment(t, image, label, np.random.default_rng(5))
+    assert img.shape == (1, 3, 16, 16) and lab.shape == (3, 16, 16)
+    assert set(lab.unique().tolist()) <= {0, 2}
+    # In-plane only: the organ stays in slice 1.
+    assert lab[0].sum() == 0 and lab[2].sum() == 0 and lab[1].sum() > 0
