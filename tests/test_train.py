@@ -29,7 +29,7 @@ TINY_MODEL = {"variant": "tiny", "img_size": 32, "slab_depth": 4, "num_queries":
 
 
 def tiny_train(**over) -> TrainConfig:
-    base = dict(steps=3, val_every=2, batch_size=1, lr=1e-3, num_points=64, mlflow=False, overlay_cases=1,
+    base = dict(steps=3, val_every=2, batch_size=1, lr=1e-3, num_points=64, mlflow=False, overlay_cases=0,
                 val_cases=1)
     base.update(over)
     return TrainConfig(**base)
@@ -67,7 +67,8 @@ def test_train_writes_checkpoint_dir_and_mlflow_run(preprocessed, tmp_path, monk
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "train"
     params = {"model": TINY_MODEL, "train": {"steps": 3}}
-    summary = train(preprocessed, out, TINY_MODEL, tiny_train(mlflow=True), params=params, tracking=uri,
+    summary = train(preprocessed, out, TINY_MODEL, tiny_train(mlflow=True, overlay_cases=1), params=params,
+                    tracking=uri,
                     raw_dir=preprocessed.parent / "raw", progress=False)
 
     for name in ("model_config.json", "plan.json", "checkpoint_last.pt", "checkpoint_best.pt",
@@ -110,13 +111,38 @@ def test_train_writes_checkpoint_dir_and_mlflow_run(preprocessed, tmp_path, monk
 def test_same_seed_same_weights_other_seed_differs(preprocessed, tmp_path):
     hashes = []
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-        s = train(preprocessed, tmp_path / name, TINY_MODEL, tiny_train(steps=2, val_every=0, seed=seed),
+        s = train(preprocessed, tmp_path / name, TINY_MODEL, tiny_train(steps=1, val_every=0, seed=seed),
                   progress=False)
         hashes.append(s["param_sha256"])
     assert hashes[0] == hashes[1]
     assert hashes[0] != hashes[2]
 
 
+def test_resume_after_interruption_matches_uninterrupted_run(preprocessed, tmp_path, monkeypatch):
+    """Fast, in-process: stop a run right after its first checkpoint, resume, compare bitwise."""
+    import masksam.components.train as train_mod
+
+    cfg = tiny_train(steps=2, val_every=1, checkpoint_every=1)
+    ref = train(preprocessed, tmp_path / "ref", TINY_MODEL, cfg, progress=False)
+
+    real_save = train_mod.save_checkpoint
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        if Path(path).name == "checkpoint_last.pt":
+            raise KeyboardInterrupt("simulated kill after the first checkpoint")
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(preprocessed, tmp_path / "run", TINY_MODEL, cfg, progress=False)
+    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    assert torch.load(tmp_path / "run" / "checkpoint_last.pt", weights_only=True)["step"] == 1
+    resumed = train(preprocessed, tmp_path / "run", TINY_MODEL, cfg, resume=True, progress=False)
+    assert resumed["steps"] == 2 and resumed["param_sha256"] == ref["param_sha256"]
+    assert resumed["best_val_mean_dice"] == ref["best_val_mean_dice"]
+
+
+@pytest.mark.slow
 def test_resume_after_sigkill_matches_uninterrupted_run(preprocessed, tmp_path):
     """Kill a CLI training with SIGKILL after its first checkpoint; --resume ends bitwise equal."""
     steps = 6
@@ -179,21 +205,23 @@ def test_missing_and_corrupt_inputs_are_user_errors(preprocessed, tmp_path):
         train(preprocessed, tmp_path / "bad", TINY_MODEL, cfg, resume=True, progress=False)
 
 
-def test_cli_reports_user_error_and_help(tmp_path):
+def test_cli_reports_user_error_and_help(tmp_path, capsys, monkeypatch):
+    from masksam.cli import main
+
+    monkeypatch.chdir(tmp_path)
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"model": TINY_MODEL, "train": {"steps": 1, "mlflow": False},
                                       "preprocess": {"out": str(tmp_path / "missing")}}))
-    res = subprocess.run([MASKSAM, "train", "--params", str(params)], capture_output=True, text=True,
-                         cwd=tmp_path, timeout=120)
-    assert res.returncode == 2
-    assert "preprocessed dataset not found" in res.stderr and "Traceback" not in res.stderr
-    res = subprocess.run([MASKSAM, "train", "--help"], capture_output=True, text=True, timeout=120)
+    assert main(["train", "--params", str(params)]) == 2
+    assert "preprocessed dataset not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = capsys.readouterr().out
     for opt in ("--resume", "--fold", "--steps", "--device", "--preprocessed", "--out", "--precision"):
-        assert opt in res.stdout
+        assert opt in help_text
     params.write_text(yaml.safe_dump({"model": TINY_MODEL, "train": {"stepz": 1}}))
-    res = subprocess.run([MASKSAM, "train", "--params", str(params)], capture_output=True, text=True,
-                         cwd=tmp_path, timeout=120)
-    assert res.returncode == 2 and "stepz" in res.stderr
+    assert main(["train", "--params", str(params)]) == 2
+    assert "stepz" in capsys.readouterr().err
 
 
 def test_poly_schedule_and_precision_resolution():
