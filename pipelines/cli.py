@@ -232,8 +232,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _add_compile_options(p: argparse.ArgumentParser) -> None:
-    from masksam.pipelines.components import DEFAULT_IMAGE
-    from masksam.pipelines.pipeline import DEFAULT_SECRET_KEYS
+    from masksam.pipelines._defaults import DEFAULT_IMAGE, DEFAULT_SECRET_KEYS
 
     p.add_argument("--image", default=DEFAULT_IMAGE,
                    help=f"container image every step runs in (built from the Dockerfile; default {DEFAULT_IMAGE})")

@@ -13,7 +13,7 @@ from typing import Callable
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
 
-DEFAULT_IMAGE = "ghcr.io/masksam/masksam:0.1.0"
+from masksam.pipelines._defaults import DEFAULT_IMAGE  # noqa: E402  (re-exported)
 
 
 def phantom_data(params_json: str, overrides: str, dataset: Output[Dataset]):

@@ -17,14 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from kfp import compiler, dsl, kubernetes
+from kfp import dsl  # noqa: I001  (dsl before compiler: kfp 2.17's import order)
+from kfp import compiler, kubernetes
 
 from masksam.errors import UserError
 from masksam.pipelines.components import DEFAULT_IMAGE, make_components
 
 PIPELINE_NAME = "masksam"
-# Keys of the MLflow secret, each exposed as the environment variable of the same name.
-DEFAULT_SECRET_KEYS = ("MLFLOW_TRACKING_URI",)
+from masksam.pipelines._defaults import DEFAULT_SECRET_KEYS  # noqa: E402
 # CPU / memory limits of the CPU steps (Kubernetes quantities).
 CPU_RESOURCES = {
     "phantom-data": ("2", "8Gi"),

@@ -106,13 +106,15 @@ def write_params(params_json: str, overrides: str | dict | None, directory: str 
 def run_verb(argv: Sequence[str]) -> str:
     """Run ``masksam ARGV`` in a fresh interpreter; return what it printed; a failure raises.
 
-    A subprocess, not ``masksam.cli.main`` in-process: inside a KFP task the executor has kfp
-    half-imported, and the CLI's verb discovery importing ``kfp.compiler`` there fails with a
-    circular import. stdout is echoed (the step's log in the KFP UI); stderr passes through.
+    A subprocess without ``_KFP_RUNTIME``: KFP sets that variable in the task, and with it kfp
+    loads only its runtime half, so the CLI's verb discovery (which imports the pipeline
+    modules, hence ``kfp.compiler``) fails with a circular import in-process or in a child that
+    inherits it. stdout is echoed (the step's log in the KFP UI); stderr passes through.
     """
     argv = [str(a) for a in argv]
     log.info("masksam %s", " ".join(argv))
-    proc = subprocess.run([sys.executable, "-m", "masksam", *argv], stdout=subprocess.PIPE, text=True)
+    env = {k: v for k, v in os.environ.items() if k != "_KFP_RUNTIME"}
+    proc = subprocess.run([sys.executable, "-m", "masksam", *argv], stdout=subprocess.PIPE, text=True, env=env)
     print(proc.stdout, end="", flush=True)
     if proc.returncode:
         raise RuntimeError(f"`masksam {' '.join(argv)}` failed with exit status {proc.returncode} "
