@@ -379,6 +379,112 @@ def evaluate_folders(
     return summary
 
 
+def evaluate_model(
+    model: str | os.PathLike,
+    raw_dir: str | os.PathLike,
+    preprocessed_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    split: str = "test",
+    tolerance_mm: float = 2.0,
+    hd_convention: str = "medpy",
+    device: str = "auto",
+    mirror: bool = False,
+    workers: int = 1,
+    mlflow_log: bool | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Pipeline mode: predict the held-out cases of ``splits.json`` with ``model``, then score them.
+
+    The cases are read from the RAW dataset (the files a user would give ``masksam predict``),
+    so the score covers the whole path: preprocessing, the network, and restoring the original
+    geometry. Writes into ``out_dir``: ``predictions/``, ``summary.json`` (nnU-Net shape),
+    ``per_case.csv``, ``plots/``, ``metrics.json`` (flat, for ``dvc metrics``) and
+    ``per_class.csv`` (for ``dvc plots``). With a training directory as ``model``, metrics are
+    logged into that training's MLflow run (``test/...``), so one run holds the whole story.
+    """
+    import tempfile
+
+    from masksam.components.predict import predict
+
+    raw, out = Path(raw_dir), Path(out_dir)
+    meta = read_json(raw / "dataset.json", "dataset.json")
+    splits = read_json(Path(preprocessed_dir) / "splits.json", "splits file")
+    if split == "test":
+        cases = list(splits.get("test") or [])
+    else:
+        fold = int(split.removeprefix("val"))
+        cases = list(splits["folds"][fold]["val"])
+    if not cases:
+        raise UserError(f"{preprocessed_dir}/splits.json has no '{split}' cases: raise "
+                        "preprocess.test_fraction or record fixed_test_cases in dataset.json")
+    fe = meta.get("file_ending", ".nii.gz")
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="masksam-eval-") as tmp:
+        images, gt = Path(tmp) / "images", Path(tmp) / "gt"
+        images.mkdir()
+        gt.mkdir()
+        for case in cases:
+            channels = sorted((raw / "imagesTr").glob(f"{case}_[0-9][0-9][0-9][0-9]{fe}"))
+            label = raw / "labelsTr" / f"{case}{fe}"
+            if not channels or not label.is_file():
+                raise UserError(f"held-out case '{case}' is missing from {raw} (imagesTr/{case}_0000{fe} "
+                                f"or labelsTr/{case}{fe}): was the raw data changed after preprocessing?")
+            for channel in channels:
+                os.symlink(channel.resolve(), images / channel.name)
+            os.symlink(label.resolve(), gt / label.name)
+        with atomic_path(out / "predictions") as pred_tmp:
+            outcomes = predict(images, pred_tmp, model, device=device, mirror=mirror, workers=1,
+                               progress=progress)
+            failed = [o for o in outcomes if not o.ok]
+            if failed:
+                raise UserError("prediction failed for " + "; ".join(f"{o.case}: {o.error}" for o in failed))
+        summary = evaluate_folders(
+            out / "predictions", gt, meta["labels"], tolerance_mm=tolerance_mm,
+            hd_convention=hd_convention, workers=workers, out_json=out / "summary.json",
+            out_csv=out / "per_case.csv", plots_dir=out / "plots", mlflow_log=False)
+    # reference_file points into the temporary staging folder: name the raw file instead.
+    for entry in summary["metric_per_case"]:
+        entry["reference_file"] = str(raw / "labelsTr" / f"{entry['case']}{fe}")
+    summary["split"] = split
+    summary["model"] = str(model)
+    write_json(out / "summary.json", _json_safe(summary))
+    flat = {
+        "split": split,
+        "n_cases": summary["n_cases"],
+        "foreground_mean": _json_safe(summary["foreground_mean"]),
+        "per_class": {summary["labels"][k]: _json_safe(v) for k, v in summary["mean"].items()},
+    }
+    write_json(out / "metrics.json", flat)
+    with atomic_path(out / "per_class.csv") as tmp_csv, open(tmp_csv, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["class", *BOX_METRICS])
+        for name, values in flat["per_class"].items():
+            writer.writerow([name, *[values.get(m) for m in BOX_METRICS]])
+    files = [out / "summary.json", out / "per_case.csv", out / "metrics.json", out / "per_class.csv",
+             *sorted((out / "plots").glob("*.png"))]
+    _log_into_training_run(model, summary, files, mlflow_log)
+    return summary
+
+
+def _log_into_training_run(model: str | os.PathLike, summary: Mapping[str, Any], files: Sequence[Path],
+                           mlflow_log: bool | None) -> None:
+    """Log test metrics into the MLflow run of the training that made ``model``, when known."""
+    train_summary = Path(model) / "train_summary.json"
+    run_id = None
+    if mlflow_log is not False and train_summary.is_file():
+        run_id = read_json(train_summary).get("mlflow_run_id")
+    if run_id is None:
+        _maybe_log_mlflow(summary, files, mlflow_log)
+        return
+    import mlflow
+
+    from masksam.components._tracking import retry
+
+    with mlflow.start_run(run_id=run_id):
+        retry(log_to_mlflow, summary, files, prefix="test", what="logging test metrics to MLflow")
+
+
 def _start_method() -> str:
     """'spawn' (no fork of a parent whose threads belong to MLflow or torch), except when the
     main script cannot be re-imported by a spawned child (code piped through stdin): 'fork'."""
@@ -410,6 +516,11 @@ def _maybe_log_mlflow(summary: Mapping[str, Any], files: Sequence[Path], mlflow_
 
 
 def _run_cli(args: argparse.Namespace) -> int:
+    if args.model is not None:
+        return _run_pipeline_mode(args)
+    missing = [f"--{n.replace('_', '-')}" for n in ("pred", "gt", "dataset_json", "out") if getattr(args, n) is None]
+    if missing:
+        raise UserError(f"folder mode needs {', '.join(missing)} (or give --model for pipeline mode)")
     out = Path(args.out)
     stem = out.name[: -len(".json")] if out.name.endswith(".json") else out.name
     csv_path = Path(args.csv) if args.csv else out.with_name(f"{stem}_per_case.csv")
@@ -418,7 +529,7 @@ def _run_cli(args: argparse.Namespace) -> int:
         args.pred,
         args.gt,
         labels_from_dataset_json(args.dataset_json),
-        tolerance_mm=args.nsd_tolerance,
+        tolerance_mm=2.0 if args.nsd_tolerance is None else args.nsd_tolerance,
         hd_convention=args.hd_convention,
         connectivity=args.surface_connectivity,
         workers=args.workers,
@@ -428,6 +539,28 @@ def _run_cli(args: argparse.Namespace) -> int:
         mlflow_log=True if args.mlflow else None,
     )
     print(f"wrote {out}, {csv_path} and plots in {plots_dir}")
+    return 0
+
+
+def _run_pipeline_mode(args: argparse.Namespace) -> int:
+    from masksam.components._io import load_params
+
+    params = load_params(args.params) if args.params else {}
+    raw = args.raw or params.get("data", {}).get("out")
+    pre = args.preprocessed or params.get("preprocess", {}).get("out")
+    out_dir = args.out_dir or params.get("evaluate", {}).get("out")
+    tolerance = args.nsd_tolerance if args.nsd_tolerance is not None else \
+        params.get("evaluate", {}).get("nsd_tolerance_mm", 2.0)
+    missing = [n for n, v in (("--raw", raw), ("--preprocessed", pre), ("--out-dir", out_dir)) if v is None]
+    if missing:
+        raise UserError(f"pipeline mode needs {', '.join(missing)} (or --params with data/preprocess/evaluate sections)")
+    summary = evaluate_model(args.model, raw, pre, out_dir, split=args.split, tolerance_mm=tolerance,
+                             hd_convention=args.hd_convention, device=args.device, mirror=args.mirror,
+                             workers=args.workers, mlflow_log=False if args.no_mlflow else None,
+                             progress=not args.no_progress)
+    fm = summary["foreground_mean"]
+    print(f"{summary['n_cases']} {args.split} cases: foreground mean Dice {fm['Dice']:.4f}, "
+          f"HD95 {fm['HD95']:.2f} mm, NSD {fm['NSD']:.4f}; wrote {out_dir}")
     return 0
 
 
@@ -441,15 +574,17 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         "nnU-Net-style summary.json (per case and per label, means, foreground mean, and the "
         "conventions used for empty masks and surfaces), a per-case CSV and PNG plots.",
     )
-    p.add_argument("--pred", required=True, metavar="DIR", help="folder of predicted label maps")
-    p.add_argument("--gt", required=True, metavar="DIR",
+    folder = p.add_argument_group("folder mode (like nnUNetv2_evaluate_folder)")
+    folder.add_argument("--pred", metavar="DIR", help="folder of predicted label maps")
+    folder.add_argument("--gt", metavar="DIR",
                    help="folder of reference label maps; every file here is one case (a missing "
                    "prediction is scored as empty and reported)")
-    p.add_argument("--dataset-json", required=True, metavar="FILE",
+    folder.add_argument("--dataset-json", metavar="FILE",
                    help="nnU-Net dataset.json whose 'labels' name the classes (background 0 is not scored)")
-    p.add_argument("--out", required=True, metavar="FILE", help="summary JSON to write (NaN written as null)")
-    p.add_argument("--nsd-tolerance", type=float, default=2.0, metavar="MM",
-                   help="tolerance of the normalised surface Dice, in mm (default: %(default)s)")
+    folder.add_argument("--out", metavar="FILE", help="summary JSON to write (NaN written as null)")
+    p.add_argument("--nsd-tolerance", type=float, default=None, metavar="MM",
+                   help="tolerance of the normalised surface Dice, in mm (default: 2.0, or "
+                   "evaluate.nsd_tolerance_mm of --params)")
     p.add_argument("--hd-convention", choices=metrics.HD_CONVENTIONS, default="medpy",
                    help="HD95 definition: 'medpy' = 95th percentile of the pooled distances of both "
                    "directions (medpy.metric.binary.hd95); 'monai' = max of the two directed 95th "
@@ -466,4 +601,20 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--mlflow", action="store_true",
                    help="log mean metrics and the output files to MLflow (MLFLOW_TRACKING_URI, "
                    "default sqlite:///mlflow.db), in the active run or a new run 'evaluate'")
+    pipe = p.add_argument_group(
+        "pipeline mode (predict the held-out cases with a model, then score them; dvc.yaml's stage)")
+    pipe.add_argument("--model", metavar="M", help="training directory, exported model.onnx or MLflow "
+                      "model URI; selects pipeline mode")
+    pipe.add_argument("--raw", metavar="DIR", help="raw dataset (default: data.out of --params)")
+    pipe.add_argument("--preprocessed", metavar="DIR", help="preprocessed dataset holding splits.json "
+                      "(default: preprocess.out of --params)")
+    pipe.add_argument("--out-dir", metavar="DIR", help="output folder: predictions/, summary.json, "
+                      "per_case.csv, plots/, metrics.json, per_class.csv (default: evaluate.out of --params)")
+    pipe.add_argument("--split", default="test", help="'test' (default) or 'valN' for fold N's validation cases")
+    pipe.add_argument("--params", metavar="FILE", help="params.yaml supplying the defaults above")
+    pipe.add_argument("--device", default="auto", help="auto, cpu, cuda or tensorrt (default: %(default)s)")
+    pipe.add_argument("--mirror", action="store_true", help="test-time mirroring (slower, slightly better)")
+    pipe.add_argument("--no-mlflow", action="store_true", help="do not log the test metrics to the "
+                      "training's MLflow run")
+    pipe.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
     p.set_defaults(func=_run_cli)

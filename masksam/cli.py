@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import logging
 import pkgutil
 import sys
@@ -23,6 +24,21 @@ _VERB_ORDER = [
 ]
 
 
+# A verb lives in the module of the same name; these are the exceptions.
+_VERB_MODULES = {"pipeline": "masksam.pipelines.cli"}
+
+
+def _module_of(verb: str | None) -> str | None:
+    """The one module a verb needs, so `masksam train` does not import kfp nor `masksam data`
+    torch; None when the verb is unknown (then every module is loaded to list them all)."""
+    if verb is None or not verb.isidentifier():
+        return _VERB_MODULES.get(verb or "")
+    if verb in _VERB_MODULES:
+        return _VERB_MODULES[verb]
+    name = f"masksam.components.{verb}"
+    return name if importlib.util.find_spec(name) is not None else None
+
+
 def _step_modules() -> list[str]:
     names = []
     for pkg_name in ("masksam.components", "masksam.pipelines"):
@@ -33,7 +49,8 @@ def _step_modules() -> list[str]:
     return names
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    """The ``masksam`` parser; with ``verb`` known, only that verb's module is imported."""
     parser = argparse.ArgumentParser(
         prog="masksam",
         description="MaskSAM: prompt-free SAM for 3D medical image segmentation. "
@@ -43,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"masksam {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
-    for name in _step_modules():
+    only = _module_of(verb)
+    for name in [only] if only else _step_modules():
         module = importlib.import_module(name)
         register = getattr(module, "register_cli", None)
         if register is not None:
@@ -55,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verb = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(verb)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
