@@ -277,3 +277,14 @@ def test_submit_to_an_unreachable_host_is_a_user_error(compiled, tmp_path):
     with pytest.raises(UserError, match=f"cannot reach Kubeflow Pipelines at http://127.0.0.1:{port}"):
         pcli.submit(f"http://127.0.0.1:{port}", package, {})
     assert time.monotonic() - t0 < 60
+
+
+def test_run_verb_works_inside_a_kfp_task_environment(tmp_path, monkeypatch):
+    """KFP tasks export _KFP_RUNTIME=true; the verb must still run (it once died on a kfp import)."""
+    monkeypatch.setenv("_KFP_RUNTIME", "true")
+    (tmp_path / "a.txt").write_text("x")
+    printed = steps.run_verb(["data", "manifest", tmp_path, "--no-progress"])
+    assert "dataset sha256" in printed
+    assert json.loads((tmp_path / "manifest.json").read_text())["num_files"] == 1
+    with pytest.raises(RuntimeError, match="exit status 2"):
+        steps.run_verb(["data", "manifest", tmp_path / "missing", "--no-progress"])
