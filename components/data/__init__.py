@@ -65,12 +65,30 @@ def _run_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_fetch(args: argparse.Namespace) -> int:
+    """Make the raw dataset that params.yaml's data: section names: the phantom or an import."""
+    p = _params(args)
+    source = p.get("source", "phantom")
+    if source == "phantom":
+        return _run_phantom(argparse.Namespace(out=None, cases=None, seed=None, size=None, workers=args.workers,
+                                               params=args.params, no_progress=args.no_progress))
+    if source in IMPORT_FORMATS:
+        return _run_import(argparse.Namespace(format=None, src=None, dst=None, modality=None, subset=p.get("subset"),
+                                              params=args.params, no_progress=args.no_progress))
+    raise UserError(f"{args.params}: data.source is {source!r}; use 'phantom' or one of {', '.join(IMPORT_FORMATS)}")
+
+
 def _run_validate(args: argparse.Namespace) -> int:
+    from masksam.components._io import atomic_path
     from masksam.components.data.validate import validate_dataset
 
     report = validate_dataset(args.dir, strict=args.strict, read_pixels=not args.headers_only,
                               progress=not args.no_progress)
-    print(report.format(max_cases=args.max_cases), file=sys.stdout if report.ok else sys.stderr)
+    text = report.format(max_cases=args.max_cases)
+    print(text, file=sys.stdout if report.ok else sys.stderr)
+    if args.report is not None and report.ok:
+        with atomic_path(args.report) as tmp:
+            tmp.write_text(text + "\n")
     return 0 if report.ok else 1
 
 
@@ -88,7 +106,7 @@ def _run_manifest(args: argparse.Namespace) -> int:
 
 
 def register_cli(subparsers) -> None:
-    """Add ``masksam data {phantom,import,validate,manifest}``."""
+    """Add ``masksam data {phantom,import,fetch,validate,manifest}``."""
     data = subparsers.add_parser(
         "data", help="generate, import, validate and fingerprint raw datasets (nnU-Net v2 raw layout)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -135,8 +153,20 @@ def register_cli(subparsers) -> None:
     va.add_argument("--headers-only", action="store_true",
                     help="read image headers only (fast; skips truncation, label-value and NaN checks)")
     va.add_argument("--max-cases", type=int, default=None, help="rows of the case table to print (default all)")
+    va.add_argument("--report", metavar="FILE", help="also write the report to FILE when the dataset is valid "
+                    "(the DVC stage's output; an invalid dataset writes nothing and exits 1)")
     common(va)
     va.set_defaults(func=_run_validate)
+
+    fe = sub.add_parser("fetch", help="make the raw dataset params.yaml's data: section names (dvc.yaml's stage)",
+                        description="Generate the phantom (data.source: phantom) or import a public dataset "
+                        "(data.source: nnunet|msd|amos|synapse|acdc, data.src: its folder) into data.out, as "
+                        "params.yaml's data: section says. The same as calling `phantom` or `import` with "
+                        "--params.")
+    fe.add_argument("--params", default="params.yaml", help="params.yaml to read (default: %(default)s)")
+    fe.add_argument("--workers", type=int, default=1, help="parallel processes for the phantom (default 1)")
+    common(fe)
+    fe.set_defaults(func=_run_fetch)
 
     ma = sub.add_parser("manifest", help="write or verify DIR/manifest.json (sha256 per file)",
                         description="Write DIR/manifest.json (sha256, bytes, size and spacing per file, and a "
