@@ -172,3 +172,27 @@ def test_state_file_roundtrip(tmp_path):
     other = _tiny(num_classes=5)
     with pytest.raises(CheckpointError, match="mask_decoder.cls_head.weight"):
         load_masksam_state(other, path)
+
+
+def test_class_probs_exports_to_onnx_and_matches(tmp_path):
+    """class_probs is the exported graph: it must trace and run in ONNX Runtime unchanged."""
+    import warnings
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from masksam.model import ClassProbs
+
+    m = _tiny(img_size=32, slab_depth=2, num_queries=2).eval()
+    _randomise_zero_inits(m)
+    x = torch.randn(1, 1, 2, 32, 32)
+    path = tmp_path / "m.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(ClassProbs(m), (x,), str(path), input_names=["x"], output_names=["probs"],
+                          opset_version=18, dynamo=False)
+    y = ort.InferenceSession(str(path)).run(None, {"x": x.numpy()})[0]
+    with torch.no_grad():
+        ref = m.class_probs(x).numpy()
+    assert y.shape == (1, 3, 2, 32, 32)
+    np.testing.assert_allclose(y, ref, atol=1e-5)
