@@ -16,18 +16,16 @@ from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
 from masksam.pipelines._defaults import DEFAULT_IMAGE  # noqa: E402  (re-exported)
 
 
-def phantom_data(params_json: str, overrides: str, dataset: Output[Dataset]):
-    """Generate the phantom CT dataset (nnU-Net raw layout) with its manifest."""
+def data(params_json: str, overrides: str, repo_url: str, rev: str, path: str, dataset: Output[Dataset]):
+    """The raw dataset: the user's DVC-tracked one at a git revision when repo_url is given
+    (commit and hash recorded), else the generated phantom CT dataset."""
     from masksam.pipelines import steps
 
-    dataset.metadata.update(steps.phantom_data(dataset.path, params_json, overrides))
-
-
-def import_data(repo_url: str, rev: str, path: str, dataset: Output[Dataset]):
-    """Materialise the user's DVC-tracked raw dataset at a git revision; record commit and hash."""
-    from masksam.pipelines import steps
-
-    dataset.metadata.update(steps.import_data(dataset.path, repo_url, rev, path))
+    if repo_url:
+        meta = steps.import_data(dataset.path, repo_url, rev, path)
+    else:
+        meta = steps.phantom_data(dataset.path, params_json, overrides)
+    dataset.metadata.update(meta)
 
 
 def validate_data(raw: Input[Dataset], report: Output[Markdown]) -> str:
@@ -117,8 +115,7 @@ def register(model: Input[Model], onnx_model: Input[Model], params_json: str, ov
 class Components:
     """The components bound to one image."""
 
-    phantom_data: Callable
-    import_data: Callable
+    data: Callable
     validate_data: Callable
     preprocess: Callable
     train: Callable

@@ -5,8 +5,8 @@
 image and the secret are fixed at compile time, as KFP requires); ``compile_pipeline`` writes
 the IR YAML. Resources: training asks for ``accelerator_count`` x ``accelerator_type`` (both
 pipeline parameters); every other step has CPU and memory limits. The data steps retry
-(network, object store). Caching is on except where a rerun must do the work again: importing
-a moving git revision and registering a model.
+(network, object store). Caching is on except where a rerun must do the work again: fetching
+the data (a git branch moves) and registering a model.
 """
 
 # (no `from __future__ import annotations`: kfp reads the pipeline signature at runtime)
@@ -27,8 +27,7 @@ PIPELINE_NAME = "masksam"
 from masksam.pipelines._defaults import DEFAULT_SECRET_KEYS  # noqa: E402
 # CPU / memory limits of the CPU steps (Kubernetes quantities).
 CPU_RESOURCES = {
-    "phantom-data": ("2", "8Gi"),
-    "import-data": ("2", "8Gi"),
+    "data": ("2", "8Gi"),
     "validate-data": ("2", "8Gi"),
     "preprocess": ("4", "32Gi"),
     "evaluate": ("4", "32Gi"),
@@ -90,18 +89,14 @@ def build_pipeline(
         return task
 
     def dag(params_json, overrides, data_repo_url, data_rev, data_path, make_train):
-        with dsl.If(data_repo_url == "", name="phantom-dataset"):
-            phantom = c.phantom_data(params_json=params_json, overrides=overrides)
-            phantom.set_retry(DATA_RETRIES, backoff_duration="30s")
-            phantom.set_caching_options(True)
-            _limits(phantom, "phantom-data")
-        with dsl.Else(name="dvc-dataset"):
-            imported = c.import_data(repo_url=data_repo_url, rev=data_rev, path=data_path)
-            imported.set_retry(DATA_RETRIES, backoff_duration="30s")
-            # a branch name moves: always fetch again, the hash in the metadata tells what came
-            imported.set_caching_options(False)
-            _limits(imported, "import-data")
-        raw = dsl.OneOf(phantom.outputs["dataset"], imported.outputs["dataset"])
+        # One task for both sources: kfp.local (2.17) cannot resolve dsl.OneOf of If/Else
+        # branches. No caching: a git branch moves, and the manifest hash in the metadata
+        # says what was fetched; validate and preprocess then cache on the dataset's content.
+        data = c.data(params_json=params_json, overrides=overrides, repo_url=data_repo_url,
+                      rev=data_rev, path=data_path)
+        data.set_retry(DATA_RETRIES, backoff_duration="30s").set_caching_options(False)
+        _limits(data, "data")
+        raw = data.outputs["dataset"]
 
         validate = c.validate_data(raw=raw)
         validate.set_retry(DATA_RETRIES, backoff_duration="30s").set_caching_options(True)

@@ -46,7 +46,7 @@ def _tasks(spec):
 def test_every_executor_uses_the_image_and_installs_nothing(compiled):
     spec, _ = compiled
     executors = spec["deploymentSpec"]["executors"]
-    assert set(executors) >= {f"exec-{n}" for n in ("phantom-data", "import-data", "validate-data", "preprocess",
+    assert set(executors) >= {f"exec-{n}" for n in ("data", "validate-data", "preprocess",
                                                       "train", "evaluate", "export", "register")}
     for name, ex in executors.items():
         c = ex["container"]
@@ -62,7 +62,7 @@ def test_train_asks_for_the_gpu_parameters_and_others_for_cpu(compiled):
     res = executors["exec-train"]["container"]["resources"]
     assert res["accelerator"]["resourceType"] == "{{$.inputs.parameters['pipelinechannel--accelerator_type']}}"
     assert res["accelerator"]["resourceCount"] == "{{$.inputs.parameters['pipelinechannel--accelerator_count']}}"
-    for name in ("exec-preprocess", "exec-evaluate", "exec-export", "exec-register", "exec-phantom-data"):
+    for name in ("exec-preprocess", "exec-evaluate", "exec-export", "exec-register", "exec-data"):
         r = executors[name]["container"]["resources"]
         assert r["cpuLimit"] > 0 and r["memoryLimit"] > 0 and "accelerator" not in r
     params = spec["root"]["inputDefinitions"]["parameters"]
@@ -74,13 +74,13 @@ def test_train_asks_for_the_gpu_parameters_and_others_for_cpu(compiled):
 def test_retries_and_caching(compiled):
     spec, _ = compiled
     tasks = _tasks(spec)
-    for name in ("phantom-data", "import-data", "validate-data"):
+    for name in ("data", "validate-data"):
         assert tasks[name]["retryPolicy"]["maxRetryCount"] == 3, name
     for name in ("preprocess", "train", "evaluate", "export"):
         assert "retryPolicy" not in tasks[name]
     cached = {n: t.get("cachingOptions", {}).get("enableCache", False) for n, t in tasks.items()}
-    assert cached["phantom-data"] and cached["preprocess"] and cached["train"] and cached["evaluate"]
-    assert not cached["register"] and not cached["import-data"]
+    assert cached["validate-data"] and cached["preprocess"] and cached["train"] and cached["evaluate"]
+    assert not cached["register"] and not cached["data"]
 
 
 def test_dag_order_and_data_branches(compiled):
@@ -89,8 +89,8 @@ def test_dag_order_and_data_branches(compiled):
     assert "validate-data" in tasks["preprocess"]["dependentTasks"]
     assert "preprocess" in tasks["train"]["dependentTasks"]
     assert set(tasks["register"]["dependentTasks"]) >= {"train", "export", "evaluate"}
-    conditions = [t["triggerPolicy"]["condition"] for t in tasks.values() if "triggerPolicy" in t]
-    assert any("data_repo_url" in c and "==" in c for c in conditions)
+    assert "data" in tasks["validate-data"]["dependentTasks"]
+    assert tasks["data"]["inputs"]["parameters"]["repo_url"]["componentInputParameter"] == "data_repo_url"
 
 
 def test_mlflow_secret_on_the_mlflow_steps(compiled):
@@ -100,7 +100,7 @@ def test_mlflow_secret_on_the_mlflow_steps(compiled):
         (secret,) = k8s[name]["secretAsEnv"]
         assert secret["secretName"] == "mlflow-creds"
         assert [e["envVar"] for e in secret["keyToEnv"]] == ["MLFLOW_TRACKING_URI", "AWS_ACCESS_KEY_ID"]
-    assert "exec-phantom-data" not in k8s
+    assert "exec-data" not in k8s
 
 
 def test_trainjob_variant_mounts_the_volume_and_asks_no_gpu(compiled):
