@@ -111,6 +111,20 @@ def structure_summary(labels_zyx: np.ndarray, probs: np.ndarray, restored_labels
     return out
 
 
+def _match_header(restored, original, path: Path) -> None:
+    """Give the label map the input's header bit for bit (JSON round-trips of the geometry can
+    move spacing/origin by an ulp); a real mismatch is an error, never written silently."""
+    same = (restored.GetSize() == original.GetSize()
+            and np.allclose(restored.GetSpacing(), original.GetSpacing(), rtol=1e-6, atol=1e-9)
+            and np.allclose(restored.GetOrigin(), original.GetOrigin(), rtol=0, atol=1e-4)
+            and np.allclose(restored.GetDirection(), original.GetDirection(), atol=1e-6))
+    if not same:
+        raise RuntimeError(f"{path}: restored label map geometry {restored.GetSize()} "
+                           f"{restored.GetSpacing()} differs from the input's {original.GetSize()} "
+                           f"{original.GetSpacing()}")
+    restored.CopyInformation(original)
+
+
 def _prepare(scan: Scan, plan: dict):
     """Read and preprocess one scan (runs in a worker thread)."""
     from masksam.components.preprocess import preprocess_case
@@ -198,6 +212,7 @@ def predict(src: str | os.PathLike, out: str | os.PathLike, model: str | os.Path
                 probs = np.asarray(probs)
                 labels = np.asarray(labels).astype(np.uint8)
                 restored = restore_to_original(labels, properties, is_label=True)
+                _match_header(restored, first, scan.files[0])
                 suffix = FORMATS[out_format] if out_format else scan.suffix
                 target = out / f"{scan.case}{suffix}"
                 write_image(restored, target)

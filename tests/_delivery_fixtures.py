@@ -93,3 +93,32 @@ def make_checkpoint_dir(root: Path, preprocessed: Path, seed: int = 0, img_size:
         "mlflow_run_id": None, "steps": 0, "best_val_dice": None,
         "hashes": {"model.safetensors": sha256_file(out / "model.safetensors")}}))
     return out
+
+
+# ----------------------------------------------------------------------------- pytest fixtures
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def delivery_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("delivery")
+
+
+@pytest.fixture(scope="session")
+def preprocessed(delivery_root) -> Path:
+    return make_preprocessed(delivery_root)
+
+
+@pytest.fixture(scope="session")
+def train_dir(delivery_root, preprocessed) -> Path:
+    return make_checkpoint_dir(delivery_root, preprocessed)
+
+
+@pytest.fixture(scope="session")
+def export_dir(delivery_root, train_dir, preprocessed) -> Path:
+    """ONNX export with the TorchScript exporter (seconds; the dynamo path has a slow test)."""
+    from masksam.components.export import export
+
+    out = delivery_root / "export"
+    export(train_dir, out, data_dir=preprocessed, exporter="torchscript", tensorrt="off")
+    return out
