@@ -1,0 +1,126 @@
+"""register / pull: alias decision, lineage tags, pyfunc round trip, tamper refusal."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from _delivery_fixtures import delivery_root, export_dir, phantom_ct, preprocessed, train_dir  # noqa: F401
+from masksam.errors import UserError
+
+
+@pytest.fixture()
+def tracking(tmp_path, monkeypatch):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def _version(client, name, src, dice, test_set):
+    v = client.create_model_version(name, str(src))
+    client.set_model_version_tag(name, v.version, "eval.mean_dice", str(dice))
+    client.set_model_version_tag(name, v.version, "test_set_id", test_set)
+    return v.version
+
+
+def test_champion_moves_only_on_better_dice_same_test_set(tracking, tmp_path):
+    from mlflow import MlflowClient
+
+    from masksam.components.register import decide_alias
+
+    client = MlflowClient()
+    client.create_registered_model("m")
+    v1 = _version(client, "m", tmp_path, 0.70, "setA")
+    assert decide_alias(client, "m", v1, 0.70, "setA").alias == "champion"
+    v2 = _version(client, "m", tmp_path, 0.65, "setA")
+    d = decide_alias(client, "m", v2, 0.65, "setA")
+    assert d.alias == "challenger" and "<=" in d.reason
+    v3 = _version(client, "m", tmp_path, 0.90, "setB")  # better, but another test set
+    d = decide_alias(client, "m", v3, 0.90, "setB")
+    assert d.alias == "challenger" and "not comparable" in d.reason
+    v4 = _version(client, "m", tmp_path, 0.75, "setA")
+    d = decide_alias(client, "m", v4, 0.75, "setA")
+    assert d.alias == "champion" and d.previous_champion == v1
+    assert client.get_model_version_by_alias("m", "champion").version == v4
+    assert client.get_model_version_by_alias("m", "challenger").version == v3
+
+
+def test_test_set_id_depends_on_cases_and_reference_content(tmp_path):
+    from masksam.components.register import test_set_id
+
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    (ref / "a.nii.gz").write_bytes(b"1")
+    ev = {"metric_per_case": [{"case": "a"}], "reference_folder": str(ref)}
+    first = test_set_id(ev)
+    (ref / "a.nii.gz").write_bytes(b"2")
+    assert test_set_id(ev) != first
+    with pytest.raises(UserError):
+        test_set_id({"metric_per_case": []})
+
+
+def test_stage_code_is_importable_package(tmp_path):
+    from masksam.components.register import stage_code
+
+    pkg = stage_code(tmp_path)
+    for rel in ("__init__.py", "errors.py", "model/inference.py", "components/preprocess.py",
+                "components/_pyfunc.py"):
+        assert (pkg / rel).is_file(), rel
+    assert not list(pkg.rglob("__pycache__"))
+
+
+@pytest.mark.slow
+def test_register_load_predict_pull_and_tamper(tracking, tmp_path, train_dir, export_dir, preprocessed):  # noqa: F811
+    import mlflow
+    from mlflow import MlflowClient
+
+    from masksam.components._loading import HashMismatch, download_model
+    from masksam.components.pull import pull
+    from masksam.components.register import register
+
+    ev = {"foreground_mean": {"Dice": 0.5, "HD95": 4.0, "NSD": 0.6}, "n_cases": 1,
+          "metric_per_case": [{"case": "case_000"}], "reference_folder": str(tmp_path)}
+    (tmp_path / "eval.json").write_text(json.dumps(ev))
+    d = register(train_dir, export_dir, tmp_path / "eval.json")
+    assert d.alias == "champion"
+    tags = MlflowClient().get_model_version("masksam", d.version).tags
+    for key in ("git_commit", "train_run_id", "onnx_sha256", "test_set_id", "eval.mean_dice", "eval.hd95"):
+        assert key in tags, key
+
+    model = mlflow.pyfunc.load_model("models:/masksam@champion")
+    img, _ = phantom_ct(9)
+    arr = sitk.GetArrayFromImage(img).astype(np.float32)
+    labels = model.predict(arr, params={"spacing": list(img.GetSpacing()), "origin": list(img.GetOrigin()),
+                                        "direction": list(img.GetDirection())})
+    assert labels.shape == arr.shape and labels.dtype == np.uint8
+    # same answer as masksam predict on the file
+    from masksam.components.predict import predict
+
+    sitk.WriteImage(img, str(tmp_path / "ct.nrrd"))
+    out = predict(tmp_path / "ct.nrrd", tmp_path / "pred", export_dir / "model.onnx", device="cpu", progress=False)
+    ref = sitk.GetArrayFromImage(sitk.ReadImage(str(out[0].output)))
+    assert (ref == labels).mean() > 0.999
+
+    onnx_path, files = pull("models:/masksam@champion", tmp_path / "pulled")
+    assert files["model.onnx"] == tags["onnx_sha256"]
+    # tamper with a downloaded copy: refused, with the reason
+    tampered = tmp_path / "tampered"
+    shutil.copytree(onnx_path.parent.parent, tampered)
+    with open(tampered / "artifacts" / "model.onnx", "ab") as fh:
+        fh.write(b"\0")
+    with pytest.raises(HashMismatch, match="modified or corrupted"):
+        mlflow.pyfunc.load_model(str(tampered))
+    # a worse model on the same test set becomes challenger
+    ev["foreground_mean"]["Dice"] = 0.4
+    (tmp_path / "eval.json").write_text(json.dumps(ev))
+    assert register(train_dir, export_dir, tmp_path / "eval.json").alias == "challenger"
+    with pytest.raises(UserError, match="not empty"):
+        download_model  # noqa: B018 - imported for the tamper path above
+        pull("models:/masksam@champion", tmp_path / "pulled")
