@@ -115,6 +115,7 @@ def choose_target_spacing(spacings_xyz: list, sizes_xyz: list,
                           anisotropy_threshold: float = ANISOTROPY_THRESHOLD) -> tuple[list[float], dict]:
     """nnU-Net v2's 3d_fullres target spacing: the median per axis, except for anisotropic data.
 
+    ``sizes_xyz`` are the cases' sizes after nnU-Net's nonzero crop (the voxel-count test).
     When the coarsest median axis is more than ``anisotropy_threshold`` times coarser than the
     others *and* has that many times fewer voxels, its target is the 10th percentile of that
     axis's spacings instead (clamped to at least the other axes' spacing), so thin-slice cases
@@ -130,7 +131,7 @@ def choose_target_spacing(spacings_xyz: list, sizes_xyz: list,
     aniso_voxels = target_size[worst] * anisotropy_threshold < min(target_size[others])
     info = {"rule": "median", "anisotropic": bool(aniso_spacing and aniso_voxels),
             "median_spacing_xyz": [float(t) for t in target],
-            "median_size_xyz": [float(s) for s in target_size]}
+            "median_nonzero_size_xyz": [float(s) for s in target_size]}
     if aniso_spacing and aniso_voxels:
         low_res = float(np.percentile(spacings[:, worst], 10))
         if low_res < max(target[others]):

@@ -85,7 +85,10 @@ def _label_array(label: sitk.Image, labels: dict[str, int]) -> np.ndarray:
     if array.dtype.kind == "f":
         if not np.array_equal(array, np.round(array)):
             raise UserError("label map has non-integer values (is this an image, not a label?)")
-    values = np.unique(array)
+    if array.dtype.kind == "u" and array.dtype.itemsize <= 2:  # bincount: 10x faster than unique
+        values = np.flatnonzero(np.bincount(array.ravel()))
+    else:
+        values = np.unique(array)
     unknown = sorted(set(int(v) for v in values) - set(labels.values()))
     if unknown:
         raise UserError(f"label map has values {unknown[:10]} that dataset.json 'labels' does not list "
@@ -106,6 +109,11 @@ def _reorient_and_crop(images: list[sitk.Image], label: sitk.Image | None, modal
     images = [reorient(im, orientation) for im in images]
     reoriented = Grid.of(images[0])
     arrays = [sitk.GetArrayViewFromImage(im) for im in images]
+    nonzero = np.zeros(arrays[0].shape, dtype=bool)
+    for a in arrays:
+        nonzero |= a != 0
+    _, nonzero_size_zyx = fp.bounding_box(nonzero)
+    del nonzero
     body = fp.body_mask(arrays, modalities, crop_rule)
     lo_zyx, size_zyx = fp.bounding_box(body)
     cut = tuple(slice(a, a + s) for a, s in zip(lo_zyx, size_zyx))
@@ -119,7 +127,7 @@ def _reorient_and_crop(images: list[sitk.Image], label: sitk.Image | None, modal
         outside = int(np.count_nonzero(full)) - int(np.count_nonzero(label_array))
     cropped = reoriented.sub(lo_zyx[::-1], size_zyx[::-1])
     crop = {"index_xyz": [int(v) for v in lo_zyx[::-1]], "size_xyz": [int(v) for v in size_zyx[::-1]],
-            "label_voxels_outside": outside}
+            "label_voxels_outside": outside, "nonzero_size_xyz": [int(v) for v in nonzero_size_zyx[::-1]]}
     return arrays, label_array, body, original, original_orientation, reoriented, cropped, crop
 
 
@@ -165,7 +173,7 @@ def preprocess_case(images: list[sitk.Image], label: sitk.Image | None,
     properties = {
         "original": {**original.to_json(), "orientation": orig_orient},
         "reoriented": {**reoriented.to_json(), "orientation": plan["orientation"]},
-        "crop": {**crop, **{k: v for k, v in cropped.to_json().items() if k == "origin_xyz"}},
+        "crop": {**{k: v for k, v in crop.items() if k != "nonzero_size_xyz"}, "origin_xyz": cropped.to_json()["origin_xyz"]},
         "resampled": {**grid.to_json(), "shape_zyx": list(grid.shape_zyx)},
         "normalization": used,
         "image_interp": plan["image_interp"],
@@ -322,6 +330,7 @@ def _fingerprint_case(case: str, paths: list[Path], label_path: Path, plan: dict
     entry["original_orientation"] = orient
     entry["crop_index_xyz"] = crop["index_xyz"]
     entry["label_voxels_outside_crop"] = crop["label_voxels_outside"]
+    entry["nonzero_size_xyz"] = crop["nonzero_size_xyz"]
     return case, entry, samples, source
 
 
@@ -451,8 +460,10 @@ def _plan_and_write(plan: dict, splits: dict, cases: dict, out_dir, target_spaci
     for c in channels:
         samples = np.concatenate([r[2][int(c)] for r in found.values()])
         intensity[c] = fp.intensity_stats(samples)
+    # nnU-Net's anisotropy test compares voxel counts after *its* (nonzero) crop; the body crop
+    # shrinks CT in-plane sizes and would change the outcome, so use nnU-Net's sizes here.
     spacing, spacing_info = fp.choose_target_spacing([e["spacing_xyz"] for e in entries.values()],
-                                                     [e["size_xyz"] for e in entries.values()])
+                                                     [e["nonzero_size_xyz"] for e in entries.values()])
     if target_spacing is not None:
         spacing_info = {**spacing_info, "rule": "explicit (--target-spacing)"}
         spacing = target_spacing

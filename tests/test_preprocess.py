@@ -121,6 +121,8 @@ def test_dataset_fingerprint_in_plan(tmp_path):
     assert entry["spacing_xyz"] == [1.5, 1.5, 3.0] and entry["original_size_xyz"] == [40, 36, 16]
     # Body crop in x and y only (the body ellipsoid spans all slices).
     assert entry["size_xyz"][2] == 16 and entry["size_xyz"][0] < 40 and entry["size_xyz"][1] < 36
+    # nnU-Net's nonzero crop keeps the whole CT (air is -1000): the size its anisotropy rule sees.
+    assert entry["nonzero_size_xyz"] == [40, 36, 16]
     assert entry["class_volumes_ml"]["organ"] == pytest.approx((lab == 1).sum() * 1.5 * 1.5 * 3 / 1000, abs=1e-4)
     stats = fpr["foreground_intensity_properties_per_channel"]["0"]
     # Foreground = organ (120 HU) and cyst (-80 HU), both +- 5 HU noise, stored as int16.
