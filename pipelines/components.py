@@ -102,12 +102,12 @@ def export(model: Input[Model], data: Input[Dataset], params_json: str, override
     onnx_model.metadata["framework"] = "onnx"
 
 
-def register(model: Input[Model], onnx_model: Input[Model], params_json: str, overrides: str,
-             report: Output[Markdown]) -> str:
+def register(model: Input[Model], onnx_model: Input[Model], evaluation: Input[Dataset], params_json: str,
+             overrides: str, report: Output[Markdown]) -> str:
     """Register the model in MLflow under its name and alias; returns the model URI."""
     from masksam.pipelines import steps
 
-    info = steps.register(model.path, onnx_model.path, params_json, overrides, report.path)
+    info = steps.register(model.path, onnx_model.path, evaluation.path, params_json, overrides, report.path)
     return info["model_uri"]
 
 

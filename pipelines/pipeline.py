@@ -119,7 +119,7 @@ def build_pipeline(
         _limits(ex, "export")
 
         reg = c.register(model=trained.outputs["model"], onnx_model=ex.outputs["onnx_model"],
-                         params_json=params_json, overrides=overrides).after(ev)
+                         evaluation=ev.outputs["evaluation"], params_json=params_json, overrides=overrides)
         with_mlflow(reg).set_caching_options(False)
         _limits(reg, "register")
 

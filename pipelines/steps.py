@@ -333,10 +333,14 @@ def export(model_dir: str, data_dir: str, out_dir: str, params_json: str, overri
     return sidecar
 
 
-def register(model_dir: str, onnx_dir: str, params_json: str, overrides: str, report_path: str) -> dict[str, Any]:
-    """Register the trained model (and its ONNX export) in MLflow under the name and alias."""
+def register(model_dir: str, onnx_dir: str, eval_dir: str, params_json: str, overrides: str,
+             report_path: str) -> dict[str, Any]:
+    """Register the trained model (with its export and evaluation) in MLflow under name and alias."""
     with tempfile.TemporaryDirectory() as tmp:
         params = write_params(params_json, overrides, tmp)
-        text = run_verb(["register", "--params", params, "--model", model_dir, "--onnx", onnx_dir])
-    Path(report_path).write_text("# Model registry\n\n```\n" + text.strip() + "\n```\n")
-    return {"model_uri": text.strip().splitlines()[-1] if text.strip() else ""}
+        text = run_verb(["register", "--params", params, "--train", model_dir, "--export", onnx_dir,
+                         "--eval", Path(eval_dir) / "summary.json"])
+        reg = yaml.safe_load(params.read_text()).get("register") or {}
+    name, alias = reg.get("model_name", "masksam"), reg.get("alias", "champion")
+    Path(report_path).write_text(f"# Model registry\n\n`models:/{name}@{alias}`\n\n```\n{text.strip()}\n```\n")
+    return {"model_uri": f"models:/{name}@{alias}"}
