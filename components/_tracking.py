@@ -195,12 +195,17 @@ class RunLogger:
     """One MLflow run, with every call retried and never fatal. ``enabled=False`` does nothing
     (non-zero ranks of a distributed run, or ``--no-mlflow``)."""
 
-    def __init__(self, uri: str | None = None, experiment: str = "masksam", enabled: bool = True) -> None:
+    def __init__(self, uri: str | None = None, experiment: str = "masksam", enabled: bool = True,
+                 attempts: int = 3, backoff_s: float = 1.0) -> None:
         self.enabled = enabled
+        self.attempts, self.backoff_s = attempts, backoff_s
         self.uri = tracking_uri(uri)
         self.experiment = experiment
         self.run_id: str | None = None
         self._client = None
+
+    def _retry(self, fn, *args, what: str, **kwargs):
+        return retry(fn, *args, what=what, attempts=self.attempts, backoff_s=self.backoff_s, **kwargs)
 
     @property
     def client(self):
@@ -226,7 +231,7 @@ class RunLogger:
             exp_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
             self.run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
         for k, v in (tags or {}).items():
-            retry(self.client.set_tag, self.run_id, k, str(v)[:5000], what=f"set_tag {k}")
+            self._retry(self.client.set_tag, self.run_id, k, str(v)[:5000], what=f"set_tag {k}")
         return self.run_id
 
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -239,10 +244,10 @@ class RunLogger:
         existing = self._existing_params()
         items = [p for p in items if p.key not in existing]
         for i in range(0, len(items), 100):
-            retry(self.client.log_batch, self.run_id, params=items[i:i + 100], what="log params")
+            self._retry(self.client.log_batch, self.run_id, params=items[i:i + 100], what="log params")
 
     def _existing_params(self) -> dict[str, str]:
-        run = retry(self.client.get_run, self.run_id, what="get_run")
+        run = self._retry(self.client.get_run, self.run_id, what="get_run")
         return dict(run.data.params) if run else {}
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
@@ -253,20 +258,20 @@ class RunLogger:
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, int(step)) for k, v in metrics.items() if v == v]  # drop NaN
         if items:
-            retry(self.client.log_batch, self.run_id, metrics=items, what="log metrics")
+            self._retry(self.client.log_batch, self.run_id, metrics=items, what="log metrics")
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         if self.run_id and Path(path).exists():
-            retry(self.client.log_artifact, self.run_id, str(path), artifact_path, what=f"log artifact {path}")
+            self._retry(self.client.log_artifact, self.run_id, str(path), artifact_path, what=f"log artifact {path}")
 
     def log_artifacts(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         if self.run_id and Path(path).is_dir():
-            retry(self.client.log_artifacts, self.run_id, str(path), artifact_path, what=f"log artifacts {path}")
+            self._retry(self.client.log_artifacts, self.run_id, str(path), artifact_path, what=f"log artifacts {path}")
 
     def set_tag(self, key: str, value: Any) -> None:
         if self.run_id:
-            retry(self.client.set_tag, self.run_id, key, str(value), what=f"set_tag {key}")
+            self._retry(self.client.set_tag, self.run_id, key, str(value), what=f"set_tag {key}")
 
     def end(self, status: str = "FINISHED") -> None:
         if self.run_id:
-            retry(self.client.set_terminated, self.run_id, status, what="end run")
+            self._retry(self.client.set_terminated, self.run_id, status, what="end run")
