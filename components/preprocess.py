@@ -14,7 +14,6 @@ Outputs (written as a whole, atomically: a failed run leaves a previous OUT unto
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import os
