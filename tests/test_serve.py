@@ -59,7 +59,10 @@ def test_register_then_serve_rest(tmp_path, train_dir, export_dir, monkeypatch):
         assert register(train_dir, export_dir, tmp_path / "eval.json").alias == "champion"
 
         serve_port = _free_port()
-        env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MASKSAM_DEVICE": "cpu"}
+        # mlflow starts `uvicorn` through the shell: the venv's bin must be on PATH (as when
+        # the venv is activated)
+        env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MASKSAM_DEVICE": "cpu",
+               "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         serve = subprocess.Popen(
             [MLFLOW, "models", "serve", "-m", "models:/masksam@champion", "--env-manager", "local",
              "--host", "127.0.0.1", "-p", str(serve_port)], env=env,
