@@ -238,6 +238,8 @@ def export(train_dir: str | os.PathLike, out_dir: str | os.PathLike, *, opset: i
     train_dir, out_dir = Path(train_dir), Path(out_dir)
     if tensorrt not in ("auto", "on", "off"):
         raise UserError(f"--tensorrt {tensorrt!r}: choose auto, on or off")
+    if tensorrt == "on" and tensorrt_unavailable_reason() is not None:  # fail before the export
+        raise UserError(f"--tensorrt on: {tensorrt_unavailable_reason()}")
     model, config, plan, verified = build_model_from_dir(train_dir, "cpu")
     module = _class_probs_module(model)
     torch_fn = lambda x: module(torch.from_numpy(x)).detach().numpy()  # noqa: E731
