@@ -25,7 +25,7 @@ def test_torchrun_two_ranks_keep_identical_weights(preprocessed, tmp_path):  # n
     params.write_text(yaml.safe_dump({"preprocess": {"out": str(preprocessed)}, "model": TINY_MODEL,
                                       "train": train_section}))
     res = subprocess.run(
-        [TORCHRUN, "--nproc_per_node=2", "--master_port=0", "-m", "masksam", "train", "--params", str(params),
+        [TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "masksam", "train", "--params", str(params),
          "--no-progress", "--device", "cpu"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
