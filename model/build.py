@@ -71,7 +71,8 @@ def build_masksam(cfg: MaskSAMConfig, checkpoint: Optional[str] = None, allow_mi
     )
     prompt_generator = PromptGenerator(
         encoder_dim=spec.embed_dim, neck_dim=spec.prompt_dim, num_global=len(spec.global_attn_indexes),
-        num_queries=int(cfg.num_queries), token_dim=spec.prompt_dim, width=spec.pg_width,  # type: ignore[arg-type]
+        num_queries=int(cfg.num_queries), token_dim=spec.prompt_dim, in_channels=cfg.in_channels,  # type: ignore[arg-type]
+        width=spec.pg_width,
     )
     prompt_encoder = PromptEncoder(
         embed_dim=spec.prompt_dim, image_embedding_size=(grid, grid),

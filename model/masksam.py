@@ -62,11 +62,14 @@ class MaskSAM(nn.Module):
         slices = x.transpose(1, 2).reshape(b * t, c, h, w)
         rgb = self.stem(x).transpose(1, 2).reshape(b * t, 3, h, w)
         neck, feats = self.image_encoder(rgb, t)
-        pg = self.prompt_generator(neck, feats, t)
+        pg = self.prompt_generator(neck, feats, x)
         aux_masks, aux_boxes = pg["aux_masks"], pg["aux_boxes"]
         mh, mw = aux_masks.shape[-2:]
         boxes = aux_boxes.reshape(b * t * q, 4) * size if self.cfg.use_aux_boxes else None
-        sparse, dense = self.prompt_encoder(points=None, boxes=boxes, masks=aux_masks.reshape(b * t * q, 1, mh, mw))
+        # the mask prompt is read without gradient (as SAM feeds back its low-res logits); the
+        # aux masks learn from their own loss terms (see prompt_generator's docstring)
+        dense_in = aux_masks.detach().reshape(b * t * q, 1, mh, mw)
+        sparse, dense = self.prompt_encoder(points=None, boxes=boxes, masks=dense_in)
         aux_tokens = pg["aux_tokens"] if self.cfg.use_aux_class_tokens else None
         low, logits = self.mask_decoder(
             neck, self.prompt_encoder.get_dense_pe(), sparse, dense, aux_tokens, t, q, mode=self.cfg.decoder_mode

@@ -1,10 +1,14 @@
 """Prompt generator: a UNETR-like 3D CNN decoder that turns encoder features into prompts.
 
 Inputs are the neck output and the token grids after the global-attention blocks, each seen
-as a ``[B, ch, T, h, w]`` volume. The neck volume is decoded and upsampled (in-plane, x2 per
-stage) to 1/4 of the input, fusing a projected and upsampled global-block feature at each
-stage (UNETR's skip connections; fused by addition rather than concatenation, which halves
-the cost of the finest 3x3x3 convolution). Outputs, per slice and query:
+as a ``[B, ch, T, h, w]`` volume, and the raw input slab ``[B, C_in, T, H, W]``. The neck
+volume is decoded and upsampled (in-plane, x2 per stage) to 1/4 of the input, fusing a
+projected and upsampled global-block feature at each stage (UNETR's skip connections; fused
+by addition rather than concatenation, which halves the cost of the 3x3x3 convolutions).
+As in UNETR, the finest stage also fuses a skip from the raw input: a 3x3x3 conv block on the
+slab at full resolution, brought to the 1/4 grid by a learned 4x4 patch projection
+(space-to-depth, so each cell sees its 16 full-resolution pixels). Without it the masks only
+see the ViT's 16-pixel tokens and cannot follow organ boundaries. Outputs, per slice and query:
 
 - ``aux_masks``: mask logits ``[B, T, Q, H/4, W/4]`` (SAM's mask-input size);
 - ``aux_boxes``: ``[B, T, Q, 4]`` normalised ``(x0, y0, x1, y1)``: the mean of a regressed box
@@ -12,8 +16,19 @@ the cost of the finest 3x3x3 convolution). Outputs, per slice and query:
   regressed box alone);
 - ``aux_tokens``: ``[B, T, Q, C]`` auxiliary classifier tokens for the mask decoder.
 
-Query features are the mask-weighted average of the finest decoder features plus the slice's
-global context plus a learned query embedding.
+Masks are MaskFormer-style: per-pixel embeddings (1x1 conv of the finest features) dotted with
+a per-(slice, query) embedding (an MLP of a learned query embedding plus the slice's global
+context). A linear 1x1 head on a few normalised channels grew its logits too slowly to fit.
+Query features for boxes and tokens are the mask-weighted average of the finest decoder
+features plus that query embedding.
+
+Gradient routing: the mask branch is trained by its own supervision (the criterion's
+auxiliary mask terms) only. Boxes and tokens read the trunk features, the query embedding and
+the mask weights through a stop-gradient (so do the dense mask prompt in ``MaskSAM`` and the
+box-from-mask, as SAM feeds mask prompts back without gradient). Without it, the decoder's
+class/mask/box losses reach the shared trunk through the tokens and boxes and overwhelm the
+auxiliary mask loss: on a single slab the final masks fit (Dice 0.99) while the auxiliary
+Dice loss stayed at ~0.7 (tests/test_overfit.py).
 """
 
 from __future__ import annotations
@@ -76,13 +91,19 @@ class PromptGenerator(nn.Module):
         num_global: int,
         num_queries: int,
         token_dim: int,
+        in_channels: int = 1,
         width: int = 64,
         stages: int = 2,
+        min_width: int = 16,
     ) -> None:
         super().__init__()
         self.num_queries = num_queries
         self.num_global = num_global
-        chans = [max(8, width // (2**s)) for s in range(stages + 1)]
+        # the finest stage feeds a linear mask head: keep it at least ``min_width`` wide
+        chans = [max(min_width, width // (2**s)) for s in range(stages + 1)]
+        factor = 16 // 2**stages  # ViT patch 16 -> the finest grid is input / factor
+        self.input_block = ConvBlock3d(in_channels, chans[-1])
+        self.input_proj = nn.Conv3d(chans[-1], chans[-1], kernel_size=(1, factor, factor), stride=(1, factor, factor))
         self.bottom = ConvBlock3d(neck_dim, chans[0])
         self.skip_proj = nn.ModuleList()
         self.ups = nn.ModuleList()
@@ -97,30 +118,39 @@ class PromptGenerator(nn.Module):
             )
             self.ups.append(nn.ConvTranspose3d(chans[s - 1], chans[s], kernel_size=(1, 2, 2), stride=(1, 2, 2)))
             self.fuse.append(ConvBlock3d(chans[s], chans[s]))
-        self.mask_head = nn.Conv3d(chans[-1], num_queries, kernel_size=1)
         hidden = max(64, token_dim)
         self.query_embed = nn.Embedding(num_queries, hidden)
-        self.pool_proj = nn.Linear(chans[-1], hidden)
         self.ctx_proj = nn.Linear(chans[0], hidden)
+        # MaskFormer's mask head: per-pixel embeddings dotted with per-(slice, query) embeddings
+        self.pixel_embed = nn.Conv3d(chans[-1], hidden, kernel_size=1)
+        self.mask_embed = MLP(hidden, hidden, hidden, 2)
+        self.pool_proj = nn.Linear(chans[-1], hidden)
         self.box_head = MLP(hidden, hidden, 4, 3)
         self.token_head = MLP(hidden, hidden, token_dim, 2)
 
-    def forward(self, neck: torch.Tensor, feats: list[torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
-        """``neck``: ``[B*T, C, h, w]``; ``feats``: global-block tokens ``[B*T, h, w, D]``."""
+    def forward(
+        self, neck: torch.Tensor, feats: list[torch.Tensor], image: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """``neck``: ``[B*T, C, h, w]``; ``feats``: global-block tokens ``[B*T, h, w, D]``;
+        ``image``: the raw slab ``[B, C_in, T, H, W]`` (UNETR's input skip)."""
+        depth = image.shape[2]
         y = self.bottom(_to_volume(neck, depth))
         ctx = y.mean(dim=(-2, -1)).transpose(1, 2)  # [B, T, c0]
         n = len(feats)
         for s, (proj, up, fuse) in enumerate(zip(self.skip_proj, self.ups, self.fuse), start=1):
             skip = feats[max(0, n - 1 - s)].permute(0, 3, 1, 2)
             skip = proj(_to_volume(skip, depth))
+            if s == len(self.fuse):
+                skip = skip + self.input_proj(self.input_block(image))
             y = fuse(up(y) + skip)
-        masks = self.mask_head(y).transpose(1, 2)  # [B, T, Q, h4, w4]
-        b, t, q, h4, w4 = masks.shape
+        q0 = self.ctx_proj(ctx)[:, :, None] + self.query_embed.weight  # [B, T, Q, hidden]
+        pix = self.pixel_embed(y)  # [B, hidden, T, h4, w4]
+        masks = torch.einsum("btqe,bethw->btqhw", self.mask_embed(q0), pix)
         # mask-weighted pooling of the finest features per query
-        wts = torch.sigmoid(masks).flatten(3)  # [B, T, Q, HW]
-        f = y.transpose(1, 2).flatten(3)  # [B, T, c, HW]
+        wts = torch.sigmoid(masks.detach()).flatten(3)  # [B, T, Q, HW]
+        f = y.detach().transpose(1, 2).flatten(3)  # [B, T, c, HW]
         pooled = (wts @ f.transpose(-1, -2)) / (wts.sum(-1, keepdim=True) + 1.0)  # [B, T, Q, c]
-        hq = self.pool_proj(pooled) + self.ctx_proj(ctx)[:, :, None] + self.query_embed.weight
+        hq = self.pool_proj(pooled) + q0.detach()
         cxcywh = torch.sigmoid(self.box_head(hq))
         half = cxcywh[..., 2:] / 2
         reg = torch.cat([cxcywh[..., :2] - half, cxcywh[..., :2] + half], dim=-1).clamp(0.0, 1.0)

@@ -94,33 +94,24 @@ def _ratio(history: list[dict], crit: SetCriterion, names) -> float:
 
 
 def test_a_few_steps_reduce_the_loss() -> None:
-    """Fast check (seconds): 20 steps already lower every fitted term's total."""
+    """Fast check (seconds): 20 steps already lower the fitted and the auxiliary terms."""
     run = train(steps=20, lr=3e-3)
     hist = run["history"]
     assert all(math.isfinite(h["loss"]) for h in hist)
     assert hist[-1]["loss"] < hist[0]["loss"] / 1.3
     assert _ratio(hist, run["crit"], TERMS_FITTED) > 1.5
-
-
-@pytest.fixture(scope="module")
-def long_run() -> dict:
-    return train(steps=160, lr=3e-3)
+    assert _ratio(hist, run["crit"], TERMS_AUX) > 2.0  # the prompt generator's masks learn
 
 
 @pytest.mark.slow
-def test_tiny_masksam_overfits_one_slab(long_run: dict) -> None:
-    """Dice >= 0.9 on the slab; class, mask, Dice and box losses fall >= 5x (about a minute)."""
-    assert min(long_run["dice"]) >= 0.9, long_run["dice"]
-    ratio = _ratio(long_run["history"], long_run["crit"], TERMS_FITTED)
-    assert ratio >= 5.0, ratio
-
-
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "the prompt generator's auxiliary masks do not fit the slab: aux Dice loss stays ~0.70 "
-    "and aux BCE only falls 0.69 -> 0.52 in 300 steps while the final masks reach Dice 0.99; "
-    "the total loss therefore falls ~3x, not 5x. Reported to the network owner; strict, so "
-    "this turns into a failure (remove the mark) once the aux path learns."))
-def test_total_loss_including_aux_terms_falls_5x(long_run: dict) -> None:
-    ratio = _ratio(long_run["history"], long_run["crit"], TERMS_FITTED + TERMS_AUX)
-    assert ratio >= 5.0, ratio
+def test_tiny_masksam_overfits_one_slab() -> None:
+    """Dice >= 0.9 on the slab; the total loss (auxiliary mask terms included) falls >= 5x,
+    and so do the class, mask, Dice and box terms (about 15 s on one thread)."""
+    run = train(steps=120, lr=3e-3)
+    hist, crit = run["history"], run["crit"]
+    assert min(run["dice"]) >= 0.9, run["dice"]
+    total = hist[0]["loss"] / (sum(h["loss"] for h in hist[-5:]) / 5)
+    assert total >= 5.0, total
+    assert _ratio(hist, crit, TERMS_FITTED) >= 5.0
+    # the prompt generator's auxiliary masks fit too (they were stuck at Dice loss ~0.7)
+    assert _ratio(hist, crit, TERMS_AUX) >= 3.0
