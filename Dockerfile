@@ -53,7 +53,8 @@ RUN pip install \
         "tqdm>=4.66" \
         "pyyaml>=6" \
         "matplotlib>=3.8" \
-        "jsonschema>=4.20"
+        "jsonschema>=4.20" \
+        "monai>=1.4"
 
 # Optional TensorRT engine export (masksam export --tensorrt).
 RUN if [ "${WITH_TENSORRT}" = "1" ]; then pip install "tensorrt-cu12==11.4.0.106"; fi
