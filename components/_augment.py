@@ -14,21 +14,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from monai.transforms import (
-    CenterSpatialCropd,
-    Compose,
-    Rand3DElasticd,
-    RandAdjustContrastd,
-    RandAffined,
-    RandFlipd,
-    RandGaussianNoised,
-    RandGaussianSmoothd,
-    RandScaleIntensityd,
-    RandShiftIntensityd,
-)
+
+if TYPE_CHECKING:  # monai takes seconds to import: only when a training builds its transforms
+    from monai.transforms import Compose
 
 
 @dataclass(frozen=True)
@@ -51,13 +43,26 @@ class AugmentConfig:
     p_mirror: float = 0.5
 
 
-def build_augmentation(patch: tuple[int, int, int], cfg: AugmentConfig = AugmentConfig()) -> Compose:
+def build_augmentation(patch: tuple[int, int, int], cfg: AugmentConfig = AugmentConfig()) -> "Compose":
     """Transforms for a ``{"image": [C,T,h,w], "label": [1,T,h,w]}`` crop that is larger than
     ``patch`` (T, P, P) in-plane; the output is centre-cropped to ``patch``.
 
     Cropping a larger region first means rotated or zoomed-out patches show real anatomy in
     their corners instead of padding, as nnU-Net does.
     """
+    from monai.transforms import (
+        CenterSpatialCropd,
+        Compose,
+        Rand3DElasticd,
+        RandAdjustContrastd,
+        RandAffined,
+        RandFlipd,
+        RandGaussianNoised,
+        RandGaussianSmoothd,
+        RandScaleIntensityd,
+        RandShiftIntensityd,
+    )
+
     keys = ["image", "label"]
     # Scale range in MONAI is "factor - 1"; a zoom factor > 1 shows a smaller field of view.
     lo, hi = cfg.scale
@@ -90,7 +95,7 @@ def build_augmentation(patch: tuple[int, int, int], cfg: AugmentConfig = Augment
 
 
 def augment(
-    transform: Compose, image: np.ndarray, label: np.ndarray, rng: np.random.Generator
+    transform: "Compose", image: np.ndarray, label: np.ndarray, rng: np.random.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply ``transform`` to one crop with randomness drawn from ``rng``.
 
