@@ -170,11 +170,39 @@ class MaskUpsampler(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, low: torch.Tensor, image: torch.Tensor, num_queries: int) -> torch.Tensor:
-        """``low``: ``[B*T*Q, 1, h, w]``; ``image``: ``[B*T, C_in, 4h, 4w]`` -> ``[B*T*Q, 1, 4h, 4w]``."""
+        """``low``: ``[B*T*Q, 1, h, w]``; ``image``: ``[B*T, C_in, 4h, 4w]`` -> ``[B*T*Q, 1, 4h, 4w]``.
+
+        Computed channels-last with matrix products (same function as conv 1x1 + pixel
+        shuffle + ``F.interpolate(bilinear, align_corners=False)``, to float rounding): on the
+        CPU the backward of ``upsample_bilinear2d`` and of the per-query 1x1 conv dominated
+        the whole training step of the tiny model.
+        """
         n, _, h, w = low.shape
-        g = self.guide(image)  # [B*T, G, h, w]
-        gc = g.shape[1]
-        hidden = F.gelu(low.reshape(-1, num_queries, 1, h, w) * self.gain.reshape(1, 1, gc, 1, 1) + g.unsqueeze(1))
-        delta = F.pixel_shuffle(self.out(hidden.reshape(n, gc, h, w)), self.factor)
-        base = F.interpolate(low, scale_factor=float(self.factor), mode="bilinear", align_corners=False)
+        f = self.factor
+        g = self.guide(image).permute(0, 2, 3, 1)  # [B*T, h, w, G]
+        gc = g.shape[-1]
+        lo = low.reshape(-1, num_queries, h, w, 1)
+        hidden = F.gelu(lo * self.gain + g.unsqueeze(1))  # [B*T, Q, h, w, G]
+        delta = F.linear(hidden, self.out.weight.reshape(f * f, gc), self.out.bias)  # [.., f*f]
+        # pixel shuffle: sub-pixel (i, j) = channel i * f + j goes to row h * f + i, col w * f + j
+        delta = delta.reshape(n, h, w, f, f).permute(0, 1, 3, 2, 4).reshape(n, 1, h * f, w * f)
+        ah = _bilinear_matrix(h, f, low.dtype, low.device)
+        aw = ah if w == h else _bilinear_matrix(w, f, low.dtype, low.device)
+        base = ah @ low @ aw.transpose(0, 1)  # separable bilinear x f
         return base + delta
+
+
+def _bilinear_matrix(size: int, factor: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[size * factor, size]`` matrix of bilinear upsampling along one axis, exactly as
+    ``F.interpolate(..., scale_factor=factor, mode="bilinear", align_corners=False)`` weights
+    it (source index ``(i + 0.5) / factor - 0.5``, clamped at the borders)."""
+    dst = (torch.arange(size * factor, device=device, dtype=torch.float64) + 0.5) / factor - 0.5
+    src = dst.clamp(min=0.0)
+    i0 = src.floor().long().clamp(max=size - 1)
+    i1 = (i0 + 1).clamp(max=size - 1)
+    frac = src - i0.to(torch.float64)
+    m = torch.zeros(size * factor, size, dtype=torch.float64, device=device)
+    rows = torch.arange(size * factor, device=device)
+    m.index_put_((rows, i0), 1.0 - frac, accumulate=True)
+    m.index_put_((rows, i1), frac, accumulate=True)
+    return m.to(dtype)

@@ -196,3 +196,37 @@ def test_class_probs_exports_to_onnx_and_matches(tmp_path):
         ref = m.class_probs(x).numpy()
     assert y.shape == (1, 3, 2, 32, 32)
     np.testing.assert_allclose(y, ref, atol=1e-5)
+
+
+def test_fast_upsampler_and_patch_embed_equal_the_reference_ops():
+    """The matmul forms (kept for CPU speed) compute the same functions as SAM's conv patch
+    embedding and as conv 1x1 + pixel shuffle + bilinear interpolation, gradients included."""
+    import torch.nn.functional as F
+
+    from masksam.model.mask_decoder import MaskUpsampler
+
+    torch.manual_seed(0)
+    up = MaskUpsampler(2)
+    torch.nn.init.normal_(up.out.weight, std=0.2)
+    torch.nn.init.normal_(up.out.bias, std=0.2)
+    low = torch.randn(2 * 3 * 5, 1, 12, 10, requires_grad=True)
+    img = torch.randn(6, 2, 48, 40)
+
+    def reference(low: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = low.shape
+        g = up.guide(img)
+        gc = g.shape[1]
+        hidden = F.gelu(low.reshape(-1, 5, 1, h, w) * up.gain.reshape(1, 1, gc, 1, 1) + g.unsqueeze(1))
+        delta = F.pixel_shuffle(up.out(hidden.reshape(n, gc, h, w)), 4)
+        return F.interpolate(low, scale_factor=4.0, mode="bilinear", align_corners=False) + delta
+
+    fast, ref = up(low, img, 5), reference(low)
+    assert fast.shape == (30, 1, 48, 40)
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    g_fast = torch.autograd.grad(fast.square().sum(), low)[0]
+    g_ref = torch.autograd.grad(ref.square().sum(), low)[0]
+    torch.testing.assert_close(g_fast, g_ref, atol=1e-4, rtol=1e-4)
+
+    enc = _tiny().image_encoder
+    x = torch.randn(3, 3, 64, 64)
+    torch.testing.assert_close(enc._patch_embed(x), enc.patch_embed(x), atol=1e-5, rtol=1e-5)
