@@ -15,13 +15,20 @@ subprocess builds the model (random weights) and reports medians over the repeat
   weights and the Python runtime);
 - ``gflop``: forward FLOPs (``torch.utils.flop_counter``), a load-independent cost measure.
 
-Usage: ``python bench/model.py [--settings tiny128 vit_b256] [--repeats 5] [--threads 2]``
+Each row also prints the 1-minute load average before and after the run: on a shared machine
+whose load exceeds its cores, multithreaded steps spend most of their time in OpenMP
+barriers waiting for descheduled threads (medians of 6-7 s instead of 0.2 s were seen at load
+8 on 2 cores), so compare figures only at a low load, or with ``--threads 1`` and
+``step_cpu_s``.
+
+Usage: ``python bench/model.py [--settings tiny96 tiny128 vit_b256] [--repeats 7] [--threads 2]``
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -30,6 +37,8 @@ import time
 
 SETTINGS = {
     # name: (config kwargs, batch)
+    # the CPU demo's training shape (params.yaml: img 96, T=8, batch 2, about 10 queries)
+    "tiny96": (dict(variant="tiny", img_size=96, slab_depth=8, num_classes=4, num_queries=10, freeze_sam=False), 2),
     "tiny128": (dict(variant="tiny", img_size=128, slab_depth=8, num_classes=4, num_queries=8, freeze_sam=False), 2),
     "vit_b256": (dict(variant="vit_b", img_size=256, slab_depth=2, num_classes=4, num_queries=8, freeze_sam=True), 1),
 }
@@ -110,6 +119,7 @@ def _one(setting: str, mode: str, repeats: int, threads: int) -> dict:
         "slab_depth": cfg.slab_depth,
         "queries": cfg.num_queries,
         "step_s": statistics.median(steps),
+        "step_s_min": min(steps),
         "step_s_per_slab": statistics.median(steps) / batch,
         "step_cpu_s": statistics.median(cpu),
         "decoder_s": statistics.median(decs),
@@ -127,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="which settings to run (default: all)")
     p.add_argument("--modes", nargs="+", default=["batched", "loop"], choices=["batched", "loop"],
                    help="decoder paths to compare (default: both)")
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats per setting; medians are printed")
+    p.add_argument("--repeats", type=int, default=7, help="timed repeats per setting; medians are printed")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--one", nargs=2, metavar=("SETTING", "MODE"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -138,16 +148,18 @@ def main(argv: list[str] | None = None) -> None:
     for s in a.settings:
         for m in a.modes:
             cmd = [sys.executable, __file__, "--one", s, m, "--repeats", str(a.repeats), "--threads", str(a.threads)]
+            load0 = os.getloadavg()[0]
             res = subprocess.run(cmd, capture_output=True, text=True, check=True)
             rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
             r = rows[-1]
             print(
-                f"{s:>9} {m:>7}  B={r['batch']} T={r['slab_depth']} Q={r['queries']}  "
-                f"step {r['step_s']:.3f}s ({r['step_s_per_slab']:.3f}s/slab, CPU {r['step_cpu_s']:.2f}s)  "
+                f"{s:>9} {m:>7}  B={r['batch']} T={r['slab_depth']} Q={r['queries']} threads={a.threads}  "
+                f"step {r['step_s']:.3f}s (min {r['step_s_min']:.3f}s, {r['step_s_per_slab']:.3f}s/slab, "
+                f"CPU {r['step_cpu_s']:.2f}s)  "
                 f"decoder {r['decoder_s']:.3f}s ({100 * r['decoder_s'] / r['step_s']:.0f}%)  "
                 f"saved act {r['saved_mb']:.0f}MB (decoder {100 * r['decoder_saved_mb'] / max(r['saved_mb'], 1e-9):.0f}%)  "
                 f"fwd {r['gflop']:.2f} GFLOP (decoder {100 * r['decoder_gflop'] / r['gflop']:.0f}%)  "
-                f"peak RSS {r['peak_rss_mb']:.0f}MB",
+                f"peak RSS {r['peak_rss_mb']:.0f}MB  load {load0:.1f}->{os.getloadavg()[0]:.1f}",
                 flush=True,
             )
     for s in a.settings:
