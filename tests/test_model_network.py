@@ -230,3 +230,21 @@ def test_fast_upsampler_and_patch_embed_equal_the_reference_ops():
     enc = _tiny().image_encoder
     x = torch.randn(3, 3, 64, 64)
     torch.testing.assert_close(enc._patch_embed(x), enc.patch_embed(x), atol=1e-5, rtol=1e-5)
+
+
+def test_prompt_generator_mask_branch_learns_from_its_own_loss_only():
+    """Decoder-side losses reach the prompt generator's token/box heads but not its trunk and
+    mask branch (they overwhelmed the auxiliary mask loss); the aux masks' own loss does."""
+    m = _tiny()
+    _randomise_zero_inits(m)
+    pg = m.prompt_generator
+    trunk = {n for n, _ in pg.named_parameters() if n.startswith(("bottom.", "fuse.", "input_block.", "pixel_embed.", "mask_embed."))}
+    heads = {n for n, _ in pg.named_parameters() if n.startswith(("token_head.", "box_head.", "pool_proj."))}
+    out = m(torch.randn(1, 1, 4, 64, 64))
+    (out["pred_logits"].square().sum() + out["pred_masks"].square().mean() + out["aux_boxes"].sum()).backward(retain_graph=True)
+    grads = {n: p.grad for n, p in pg.named_parameters()}
+    assert all(grads[n] is None or grads[n].abs().sum() == 0 for n in trunk)
+    assert all(grads[n] is not None and grads[n].abs().sum() > 0 for n in heads)
+    pg.zero_grad(set_to_none=True)
+    out["aux_masks"].square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in pg.named_parameters() if n in trunk)
