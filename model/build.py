@@ -38,7 +38,7 @@ VARIANTS: dict[str, VariantSpec] = {
     "vit_b": VariantSpec(768, 12, 12, (2, 5, 8, 11), 14),
     "vit_l": VariantSpec(1024, 24, 16, (5, 11, 17, 23), 14),
     "vit_h": VariantSpec(1280, 32, 16, (7, 15, 23, 31), 14),
-    # same classes, CPU-sized (a forward+backward of a B=2, T=8 slab at 128 px is ~7 GFLOP):
+    # same classes, CPU-sized (forward of a B=2, T=8, Q=8 slab at 128 px: 3.3 GFLOP, bench/model.py):
     # 8x8 token grid at 128 px, 2x2 windows of 4, 64-d prompt/decoder path
     "tiny": VariantSpec(
         128, 4, 4, (1, 3), 4, prompt_dim=64, decoder_mlp_dim=256, decoder_heads=4, pg_width=32, mlp_ratio=2.0
