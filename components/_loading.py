@@ -9,7 +9,6 @@ beside it (ONNX sidecar, ``train_summary.json``, registry tags) is refused befor
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import tempfile
@@ -20,7 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from masksam.components._io import read_json
+from masksam.components._io import read_json, sha256_file
 from masksam.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -62,15 +61,6 @@ class LoadedModel:
 
 
 # ----------------------------------------------------------------------------- hashes
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks (ViT-H exports are several GB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def verify_files(directory: str | os.PathLike, expected: dict[str, str], what: str) -> dict[str, str]:

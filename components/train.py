@@ -32,7 +32,7 @@ import torch
 
 from masksam.components._augment import AugmentConfig
 from masksam.components._checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from masksam.components._io import atomic_path, load_params, read_json, write_json
+from masksam.components._io import atomic_path, load_params, read_json, sha256_file, write_json
 from masksam.components._sampler import Case, SlabDataset, StepSampler, make_case
 from masksam.components._tracking import RunLogger, check_tracking, flatten, lineage_tags
 from masksam.errors import UserError
@@ -253,14 +253,6 @@ def state_hash(state: dict[str, torch.Tensor]) -> str:
         h.update(k.encode())
         h.update(state[k].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
                  if state[k].numel() else b"")
-    return h.hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
     return h.hexdigest()
 
 

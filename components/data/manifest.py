@@ -16,23 +16,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from masksam.components._io import image_suffix, read_json, write_json
+from masksam.components._io import image_suffix, read_json, sha256_file, write_json
 from masksam.errors import UserError
 
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
-_CHUNK = 1 << 20
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """sha256 of a file, read in 1 MiB chunks so memory stays flat for any size."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _listed_files(root: Path) -> list[str]:

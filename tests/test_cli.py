@@ -1,0 +1,44 @@
+"""The `masksam` command: every verb is listed, a verb loads only its own module, and user
+errors print one line and exit 2 (no traceback)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from masksam.cli import main
+
+VERBS = ["data", "preprocess", "train", "evaluate", "predict", "export", "register", "pull", "pipeline"]
+
+
+def test_help_lists_every_verb_in_the_order_users_run_them(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    positions = [out.index(f"    {verb} ") for verb in VERBS]
+    assert positions == sorted(positions), out
+
+
+@pytest.mark.parametrize("verb", VERBS)
+def test_every_verb_has_help(verb: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([verb, "--help"])
+    assert exc.value.code == 0
+    assert f"usage: masksam {verb}" in capsys.readouterr().out
+
+
+def test_data_verb_does_not_import_the_heavy_frameworks() -> None:
+    code = ("import sys\nfrom masksam.cli import build_parser\nbuild_parser('data')\n"
+            "print(sorted(m for m in ('torch', 'kfp', 'mlflow', 'monai') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_user_error_is_one_line_and_exit_2(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    status = main(["data", "validate", str(tmp_path / "missing"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err.strip() == f"masksam data: error: {tmp_path / 'missing'}: dataset folder not found"
