@@ -61,18 +61,19 @@ def build_masksam(cfg: MaskSAMConfig, checkpoint: Optional[str] = None, allow_mi
     keys (see :func:`masksam.model.checkpoint.load_sam_checkpoint`).
     """
     spec = VARIANTS[cfg.variant]
-    grid = cfg.img_size // 16
+    grid = cfg.img_size // cfg.patch_size
     ratio = cfg.adapter_ratio if cfg.use_depth_conv_adapter else None
     encoder = MaskSAMImageEncoder(
         img_size=cfg.img_size, embed_dim=spec.embed_dim, depth=spec.depth, num_heads=spec.num_heads,
         global_attn_indexes=spec.global_attn_indexes, window_size=spec.window_size,
         out_chans=spec.prompt_dim, slab_depth=cfg.slab_depth, adapter_ratio=ratio,
         use_temporal_embedding=cfg.use_temporal_embedding, mlp_ratio=spec.mlp_ratio,
+        patch_size=cfg.patch_size,
     )
     prompt_generator = PromptGenerator(
         encoder_dim=spec.embed_dim, neck_dim=spec.prompt_dim, num_global=len(spec.global_attn_indexes),
         num_queries=int(cfg.num_queries), token_dim=spec.prompt_dim, in_channels=cfg.in_channels,  # type: ignore[arg-type]
-        width=spec.pg_width,
+        width=spec.pg_width, patch_size=cfg.patch_size,
     )
     prompt_encoder = PromptEncoder(
         embed_dim=spec.prompt_dim, image_embedding_size=(grid, grid),
@@ -88,7 +89,7 @@ def build_masksam(cfg: MaskSAMConfig, checkpoint: Optional[str] = None, allow_mi
     )
     model = MaskSAM(
         cfg, stem=_stem(cfg.in_channels), image_encoder=encoder, prompt_generator=prompt_generator,
-        prompt_encoder=prompt_encoder, mask_decoder=decoder, mask_upsampler=MaskUpsampler(cfg.in_channels),
+        prompt_encoder=prompt_encoder, mask_decoder=decoder, mask_upsampler=MaskUpsampler(cfg.in_channels, factor=cfg.patch_size // 4),
     )
     ckpt = checkpoint if checkpoint is not None else cfg.checkpoint
     if ckpt is not None:

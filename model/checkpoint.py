@@ -141,7 +141,7 @@ def load_sam_checkpoint(model: nn.Module, path: str | os.PathLike, allow_missing
     sd = read_state_dict(path)
     cfg: MaskSAMConfig = model.cfg  # type: ignore[assignment]
     glob = tuple(model.image_encoder.global_attn_indexes)  # type: ignore[union-attr]
-    sd, adapted = adapt_position_tables(sd, cfg.img_size // 16, glob)
+    sd, adapted = adapt_position_tables(sd, cfg.img_size // cfg.patch_size, glob)
     own = model.state_dict()
     sam_keys = [k for k in own if not is_new_parameter(k)]
     new_keys = [k for k in own if is_new_parameter(k)]

@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 VARIANT_NAMES = ("vit_b", "vit_l", "vit_h", "tiny")
 DECODER_MODES = ("batched", "loop")
+PATCH_SIZES = (8, 16)
 
 
 @dataclass
@@ -22,6 +23,9 @@ class MaskSAMConfig:
 
     variant: str = "tiny"
     img_size: int = 128
+    # ViT patch (token) size in pixels: SAM's 16 for the SAM variants; `tiny` may use 8 (a
+    # finer token grid; the prompt generator, mask prompt and upsampler follow it)
+    patch_size: int = 16
     slab_depth: int = 8
     num_classes: int = 2
     num_queries: Optional[int] = None
@@ -47,6 +51,10 @@ class MaskSAMConfig:
             raise ValueError(f"variant must be one of {VARIANT_NAMES}, got {self.variant!r}")
         if self.img_size <= 0 or self.img_size % 16:
             raise ValueError(f"img_size must be a positive multiple of 16, got {self.img_size}")
+        if self.patch_size not in PATCH_SIZES:
+            raise ValueError(f"patch_size must be one of {PATCH_SIZES}, got {self.patch_size}")
+        if self.patch_size != 16 and self.variant != "tiny":
+            raise ValueError(f"{self.variant} keeps SAM's patch_size 16 (its checkpoints); got {self.patch_size}")
         if self.slab_depth < 1:
             raise ValueError(f"slab_depth must be >= 1, got {self.slab_depth}")
         if self.num_classes < 2:

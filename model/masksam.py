@@ -48,7 +48,7 @@ class MaskSAM(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """``x``: ``[B, C_in, T, H, W]`` -> ``pred_logits [B,T,Q,K+1]``, ``pred_masks
-        [B,T,Q,H,W]``, ``aux_masks [B,T,Q,H/4,W/4]``, ``aux_boxes [B,T,Q,4]`` (x0,y0,x1,y1 in
+        [B,T,Q,H,W]``, ``aux_masks [B,T,Q,4H/p,4W/p]`` (p: patch_size), ``aux_boxes [B,T,Q,4]`` (x0,y0,x1,y1 in
         [0, 1])."""
         if x.dim() != 5:
             raise ValueError(f"MaskSAM expects x of shape [B, C, T, H, W], got {tuple(x.shape)}")

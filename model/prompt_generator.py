@@ -12,7 +12,7 @@ the ViT's 16-pixel tokens and cannot follow organ boundaries. (A conv block at f
 resolution followed by a strided projection fitted no better and cost ~20% of the tiny
 model's CPU training step.) Outputs, per slice and query:
 
-- ``aux_masks``: mask logits ``[B, T, Q, H/4, W/4]`` (SAM's mask-input size);
+- ``aux_masks``: mask logits ``[B, T, Q, 4 H/p, 4 W/p]`` for ViT patch ``p`` (SAM's mask-input size);
 - ``aux_boxes``: ``[B, T, Q, 4]`` normalised ``(x0, y0, x1, y1)``: the mean of a regressed box
   and the box around ``aux_masks > 0`` (computed without gradient; where the mask is empty the
   regressed box alone);
@@ -104,13 +104,17 @@ class PromptGenerator(nn.Module):
         width: int = 64,
         stages: int = 2,
         min_width: int = 16,
+        patch_size: int = 16,
     ) -> None:
         super().__init__()
         self.num_queries = num_queries
         self.num_global = num_global
         # the finest stage feeds a linear mask head: keep it at least ``min_width`` wide
         chans = [max(min_width, width // (2**s)) for s in range(stages + 1)]
-        factor = 16 // 2**stages  # ViT patch 16 -> the finest grid is input / factor
+        # ViT patch p -> the finest grid is input / factor = 4x the token grid (SAM's mask input)
+        factor = patch_size // 2**stages
+        if factor < 1 or factor * 2**stages != patch_size:
+            raise ValueError(f"patch_size {patch_size} is not divisible by 2**stages = {2**stages}")
         self.factor = factor
         self.input_block = ConvBlock3d(in_channels * factor * factor, chans[-1])
         self.bottom = ConvBlock3d(neck_dim, chans[0])
