@@ -549,7 +549,7 @@ def _worker_init(worker_id: int) -> None:
 # CLI
 # ----------------------------------------------------------------------------------------------
 
-_MODEL_OPTS = {"variant": str, "img_size": int, "slab_depth": int, "num_queries": int, "checkpoint": str}
+_MODEL_OPTS = {"variant": str, "img_size": int, "patch_size": int, "slab_depth": int, "num_queries": int, "checkpoint": str}
 _TRAIN_OPTS = {"fold": int, "seed": int, "device": str, "precision": str, "batch_size": int,
                "grad_accum": int, "lr": float, "steps": int, "val_every": int, "num_workers": int,
                "experiment": str}
@@ -615,6 +615,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--variant", help="model variant: tiny | vit_b | vit_l | vit_h")
     p.add_argument("--img-size", dest="img_size", type=int, help="in-plane input size (multiple of 16)")
+    p.add_argument("--patch-size", dest="patch_size", type=int, choices=(8, 16),
+                   help="ViT patch size in pixels (tiny only: 8 or 16; SAM variants keep 16)")
     p.add_argument("--slab-depth", dest="slab_depth", type=int, help="slices per slab (T)")
     p.add_argument("--num-queries", dest="num_queries", type=int, help="mask queries")
     p.add_argument("--checkpoint", help="official SAM checkpoint (sam_vit_*.pth) to start from")
