@@ -3,7 +3,7 @@
 Each (model, backend) runs in its own subprocess so peak RSS (``ru_maxrss``) is that backend's
 alone. The demo model (params.yaml's ``model`` section, random weights: speed does not depend on
 training) segments a phantom CT of real size (default 512x512x200 at 0.78x0.78x2.5 mm, i.e. the
-preprocessed grid at the plan's 2x2x4 mm spacing) by sliding window; ``vit_b`` runs one slab.
+preprocessed grid at params.yaml's target spacing) by sliding window; ``vit_b`` runs one slab.
 
     python bench/inference.py [--repeats 3] [--size 512 512 200] [--skip-vit-b]
 
@@ -126,7 +126,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--size", type=int, nargs=3, default=[512, 512, 200], help="CT voxels x y z")
     p.add_argument("--spacing", type=float, nargs=3, default=[0.78, 0.78, 2.5], help="CT mm x y z")
-    p.add_argument("--target-spacing", type=float, nargs=3, default=[2.0, 2.0, 4.0])
+    p.add_argument("--target-spacing", type=float, nargs=3,
+                   help="preprocessed spacing mm x y z (default: params.yaml preprocess.target_spacing)")
     p.add_argument("--overlap", type=float, default=0.5)
     p.add_argument("--threads", type=int, help="ORT intra-op threads (default: all cores)")
     p.add_argument("--exporter", default="torchscript", choices=("auto", "dynamo", "torchscript"))
@@ -140,8 +141,11 @@ def main() -> None:
         return child(args)
     import yaml
 
-    model_params = yaml.safe_load((ROOT / "params.yaml").read_text())["model"]
-    demo = {k: model_params[k] for k in ("img_size", "slab_depth", "num_queries") if k in model_params}
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    model_params = params["model"]
+    if args.target_spacing is None:
+        args.target_spacing = params["preprocess"]["target_spacing"] or [2.0, 2.0, 4.0]
+    demo = {k: model_params[k] for k in ("img_size", "patch_size", "slab_depth", "num_queries") if k in model_params}
     demo.update(num_classes=5, freeze_sam=False)
     shape = _grid(args.size, args.spacing, args.target_spacing)
     rows = []

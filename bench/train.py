@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 def _configs(params: dict) -> dict[str, tuple[dict, dict]]:
     demo_model = {k: v for k, v in params["model"].items()}
     demo_train = params["train"]
-    vit_b = {**demo_model, "variant": "vit_b", "img_size": 256, "freeze_sam": True, "checkpoint": None}
+    vit_b = {**demo_model, "variant": "vit_b", "img_size": 256, "patch_size": 16, "freeze_sam": True, "checkpoint": None}
     return {"demo": (demo_model, demo_train), "vit_b_256": (vit_b, demo_train)}
 
 

@@ -56,6 +56,19 @@ def test_tiny_output_contract():
     torch.testing.assert_close(cp, ref, atol=1e-5, rtol=1e-5)
 
 
+def test_tiny_with_patch_8_doubles_every_grid_and_keeps_the_contract():
+    """The demo's tiny uses ViT patch 8: token grid, aux masks and the upsampler follow it."""
+    m = _tiny(patch_size=8)
+    x = torch.randn(1, 1, 4, 64, 64)
+    out = m(x)
+    assert out["pred_logits"].shape == (1, 4, 4, 4)
+    assert out["pred_masks"].shape == (1, 4, 4, 64, 64)
+    assert out["aux_masks"].shape == (1, 4, 4, 32, 32)
+    assert m.class_probs(x).shape == (1, 3, 4, 64, 64)
+    with pytest.raises(ValueError, match="keeps SAM's patch_size 16"):
+        MaskSAMConfig(variant="vit_b", img_size=256, patch_size=8)
+
+
 def test_any_slab_depth_and_bad_input():
     m = _tiny()
     assert m(torch.randn(1, 1, 3, 64, 64))["pred_masks"].shape == (1, 3, 4, 64, 64)
