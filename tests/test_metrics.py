@@ -230,18 +230,15 @@ def test_bad_inputs_raise():
         M.score_binary(a, a, (1, 1, 1), tolerance_mm=-1)
 
 
-REAL_SEG = "../shared/data/totalseg-example/example_seg.nii.gz"
 
 
 def test_real_ct_labels_match_medpy():
     """41 real organ labels on a real CT grid: per-label scores equal medpy's on the whole image."""
-    from pathlib import Path
-
     import SimpleITK as sitk
 
-    path = Path(__file__).resolve().parents[1] / REAL_SEG
-    if not path.is_file():
-        pytest.skip(f"{path} not present")
+    from _shared import real_ct_dir
+
+    path = real_ct_dir() / "example_seg.nii.gz"
     image = sitk.ReadImage(str(path))
     gt = sitk.GetArrayFromImage(image)
     spacing = image.GetSpacing()[::-1]

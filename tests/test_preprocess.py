@@ -19,9 +19,7 @@ from masksam.components.preprocess import (load_case, load_plan, preprocess_case
                                            preprocess_dataset, restore_to_original)
 from masksam.errors import UserError
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "totalseg-example"
-if not REAL.is_dir():
-    REAL = Path("/work/shared/data/totalseg-example")
+from _shared import REAL_CT_DIR as REAL, real_ct_dir
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
 
@@ -431,6 +429,7 @@ MIN_VOXELS = 200  # classes with at least 200 voxels (5.4 mL at 3 mm) must survi
 
 @pytest.fixture(scope="module")
 def real_case():
+    real_ct_dir()  # skips with a reason when shared/ is absent
     ct = sitk.ReadImage(str(REAL / "example_ct_sm.nii.gz"))
     seg = sitk.ReadImage(str(REAL / "example_seg.nii.gz"))
     values = [int(v) for v in np.unique(sitk.GetArrayViewFromImage(seg)) if v]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from masksam.components.data.validate import validate_dataset
 
 from _data_helpers import case_arrays, image, make_dataset
 
-REAL_CT = Path("/work/shared/data/totalseg-example")
+from _shared import REAL_CT_DIR as REAL_CT
 
 
 def _messages(report) -> dict[str, str]:

@@ -1,0 +1,21 @@
+"""Where the team's shared test data lives: ``shared/`` beside the checkout (as CI lays it out),
+or the workplace's /work/shared."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+_CANDIDATES = (
+    Path(__file__).resolve().parents[2] / "shared" / "data" / "totalseg-example",
+    Path("/work/shared/data/totalseg-example"),
+)
+REAL_CT_DIR = next((p for p in _CANDIDATES if p.is_dir()), _CANDIDATES[0])
+
+
+def real_ct_dir() -> Path:
+    """The small real abdominal CT (TotalSegmentator example, 41 labels); skip if absent."""
+    if not (REAL_CT_DIR / "example_ct_sm.nii.gz").is_file():
+        pytest.skip(f"shared test data not found at {REAL_CT_DIR} (expected shared/ beside the checkout)")
+    return REAL_CT_DIR
