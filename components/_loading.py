@@ -167,12 +167,17 @@ def read_sidecar(onnx_path: str | os.PathLike) -> dict[str, Any]:
 
 
 def ort_session_options(threads: int | None = None):
-    """Session options used for every MaskSAM graph: full graph optimisation, sequential run."""
+    """Session options used for every MaskSAM graph: full graph optimisation, sequential run.
+
+    Intra-op threads do not spin-wait after a run: between two slabs the sliding window
+    accumulates on the same cores, and spinning ORT threads would steal them.
+    """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         opts.intra_op_num_threads = int(threads)
     return opts
