@@ -278,35 +278,11 @@ def train(data_dir: str, raw_dir: str, out_dir: str, params_json: str, overrides
     return summary
 
 
-def stage_test_cases(raw_dir: str | os.PathLike, data_dir: str | os.PathLike,
-                     dest: str | os.PathLike) -> tuple[Path, Path, list[str]]:
-    """Link the held-out test cases (splits.json "test") of the raw dataset into images/ and gt/."""
-    raw, dest = Path(raw_dir), Path(dest)
-    meta = json.loads((raw / "dataset.json").read_text())
-    splits = _read_json(Path(data_dir) / "splits.json") or {}
-    cases = list(splits.get("test") or [])
-    if not cases:
-        raise UserError(f"{data_dir}/splits.json has no test cases: raise preprocess.test_fraction")
-    images, gt = dest / "images", dest / "gt"
-    images.mkdir(parents=True)
-    gt.mkdir(parents=True)
-    fe = meta["file_ending"]
-    for case in cases:
-        for channel in sorted((raw / "imagesTr").glob(f"{case}_[0-9][0-9][0-9][0-9]{fe}")):
-            os.symlink(channel.resolve(), images / channel.name)
-        os.symlink((raw / "labelsTr" / f"{case}{fe}").resolve(), gt / f"{case}{fe}")
-    return images, gt, cases
-
-
 def evaluate(model_dir: str, data_dir: str, raw_dir: str, out_dir: str, report_path: str) -> dict[str, Any]:
     """Predict the held-out test cases, score them; report per-class Dice with the plots."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        images, gt, cases = stage_test_cases(raw_dir, data_dir, tmp)
-        run_verb(["predict", "-i", images, "-o", out / "pred", "--model", model_dir, "--no-progress"])
-        run_verb(["evaluate", "--pred", out / "pred", "--gt", gt, "--dataset-json", Path(raw_dir) / "dataset.json",
-                  "--out", out / "summary.json", "--plots", out / "plots", "--workers", "1", "--mlflow"])
+    run_verb(["evaluate", "--model", model_dir, "--raw", raw_dir, "--preprocessed", data_dir,
+              "--out-dir", out, "--workers", "1", "--no-progress"])
     summary = json.loads((out / "summary.json").read_text())
     names = summary.get("labels", {})
     mean = summary.get("mean", {})
@@ -315,7 +291,7 @@ def evaluate(model_dir: str, data_dir: str, raw_dir: str, out_dir: str, report_p
             for label, v in mean.items()]
     fg = summary.get("foreground_mean", {})
     rows.append(["foreground mean", *[fg.get(m) if fg.get(m) is not None else "n/a" for m in metric_names]])
-    parts = [f"<p>{len(cases)} held-out test cases</p>", reports.html_table(["class", *metric_names], rows)]
+    parts = [f"<p>{summary['n_cases']} held-out test cases</p>", reports.html_table(["class", *metric_names], rows)]
     for png in sorted((out / "plots").glob("*.png")):
         parts.append(reports.html_image(png, png.stem))
     Path(report_path).write_text(reports.html_page("Evaluation", parts))
