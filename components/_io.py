@@ -127,3 +127,12 @@ def load_params(path: str | os.PathLike = "params.yaml", section: str | None = N
     if section not in params:
         raise UserError(f"{path} has no '{section}:' section")
     return params[section] or {}
+
+
+def pick_option(cli_value: Any, params: dict, key: str, default: Any = None) -> Any:
+    """One rule for every verb: an explicit CLI option overrides params.yaml, which overrides
+    the built-in default (a ``null`` in params.yaml means "use the default")."""
+    if cli_value is not None:
+        return cli_value
+    value = params.get(key)
+    return default if value is None else value

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from masksam import __version__
 from masksam.components import _fingerprint as fp
-from masksam.components._io import atomic_path, load_params, read_image, read_json
+from masksam.components._io import atomic_path, load_params, pick_option, read_image, read_json
 from masksam.components._resample import (CANONICAL_ORIENTATION, IMAGE_INTERPOLATORS, LABEL_MODES,
                                           Grid, orientation_of, reorient, resample_image,
                                           resample_label, target_grid)
@@ -505,8 +505,7 @@ def _run(args: argparse.Namespace) -> int:
                         "preprocess.out)")
 
     def pick(name: str):
-        value = getattr(args, name)
-        return value if value is not None else params.get(name, DEFAULTS[name])
+        return pick_option(getattr(args, name), params, name, DEFAULTS[name])
 
     target = args.target_spacing
     if target is None and args.spacing_strategy is None:

@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from masksam.components._io import pick_option
 from masksam.errors import UserError
 
 IMPORT_FORMATS = ("nnunet", "msd", "amos", "synapse", "acdc")
@@ -24,24 +25,16 @@ def _params(args: argparse.Namespace) -> dict:
     return load_params(args.params, "data")
 
 
-def _pick(cli_value, params: dict, key: str, default=None):
-    """Explicit CLI options override params.yaml, which overrides the built-in default."""
-    if cli_value is not None:
-        return cli_value
-    value = params.get(key)
-    return default if value is None else value
-
-
 def _run_phantom(args: argparse.Namespace) -> int:
     from masksam.components.data.phantom import generate_phantom
 
     p = _params(args)
-    out = _pick(args.out, p, "out")
+    out = pick_option(args.out, p, "out")
     if out is None:
         raise UserError("no output folder: pass --out DIR (or --params params.yaml with data.out)")
     generate_phantom(
-        out, cases=int(_pick(args.cases, p, "cases", 24)), seed=int(_pick(args.seed, p, "seed", 0)),
-        size_xyz=[int(v) for v in _pick(args.size, p, "size", [160, 160, 40])],
+        out, cases=int(pick_option(args.cases, p, "cases", 24)), seed=int(pick_option(args.seed, p, "seed", 0)),
+        size_xyz=[int(v) for v in pick_option(args.size, p, "size", [160, 160, 40])],
         workers=int(args.workers), progress=not args.no_progress,
     )
     print(f"phantom dataset written to {out}")
@@ -52,9 +45,9 @@ def _run_import(args: argparse.Namespace) -> int:
     from masksam.components.data.importers import import_dataset
 
     p = _params(args)
-    fmt = _pick(args.format, p, "source")
-    src = _pick(args.src, p, "src")
-    dst = _pick(args.dst, p, "out")
+    fmt = pick_option(args.format, p, "source")
+    src = pick_option(args.src, p, "src")
+    dst = pick_option(args.dst, p, "out")
     if fmt is None or src is None or dst is None:
         raise UserError("import needs --format, SRC and DST (or --params params.yaml with data.source, data.src, data.out)")
     if fmt not in IMPORT_FORMATS:
