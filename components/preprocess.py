@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from masksam import __version__
 from masksam.components import _fingerprint as fp
+from masksam.components._dataset import PLAN_VERSION, load_case, load_plan  # noqa: F401 (re-exported)
 from masksam.components._io import atomic_path, load_params, pick_option, read_image, read_json
 from masksam.components._resample import (CANONICAL_ORIENTATION, IMAGE_INTERPOLATORS, LABEL_MODES,
                                           Grid, orientation_of, reorient, resample_image,
@@ -40,7 +41,6 @@ from masksam.errors import UserError
 
 log = logging.getLogger(__name__)
 
-PLAN_VERSION = 1
 DEFAULTS: dict[str, Any] = {
     "target_spacing": None,  # None: the dataset's median (nnU-Net rule)
     "workers": min(8, os.cpu_count() or 1),
@@ -237,30 +237,6 @@ def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 def _dump_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
-
-
-def load_plan(directory: str | os.PathLike) -> dict:
-    """The plan of a preprocessed dataset (``DIR/plan.json``)."""
-    plan = read_json(Path(directory) / "plan.json", "preprocessing plan")
-    if plan.get("version") != PLAN_VERSION:
-        raise UserError(f"{Path(directory) / 'plan.json'} has plan version {plan.get('version')}, this "
-                        f"masksam reads version {PLAN_VERSION}: rerun `masksam preprocess`")
-    return plan
-
-
-def load_case(directory: str | os.PathLike, case: str) -> tuple[np.ndarray, np.ndarray | None, dict]:
-    """``(image [C,Z,Y,X] float32, label [Z,Y,X] uint8 or None, properties)`` of one case."""
-    base = Path(directory) / "cases"
-    npz = base / f"{case}.npz"
-    if not npz.is_file():
-        raise UserError(f"preprocessed case not found: {npz} (is '{case}' in plan.json's cases?)")
-    try:
-        with np.load(npz, allow_pickle=False) as data:
-            image = data["image"]
-            label = data["label"] if "label" in data.files else None
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
-        raise UserError(f"{npz} is not a readable preprocessed case ({exc}); rerun `masksam preprocess`") from exc
-    return image, label, read_json(base / f"{case}.json", "case properties")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -180,7 +180,7 @@ def poly_lambda(steps: int, exponent: float, warmup: int) -> Callable[[int], flo
 
 def load_preprocessed(preprocessed: str | os.PathLike, fold: int) -> tuple[dict, dict, list[str], list[str]]:
     """``(plan, splits, train_cases, val_cases)``; a missing or inconsistent directory is a UserError."""
-    from masksam.components.preprocess import load_plan
+    from masksam.components._dataset import load_plan
 
     pre = Path(preprocessed)
     if not pre.is_dir():
@@ -204,7 +204,7 @@ def load_preprocessed(preprocessed: str | os.PathLike, fold: int) -> tuple[dict,
 
 def read_cases(preprocessed: str | os.PathLike, names: list[str], num_classes: int) -> list[Case]:
     """Load labelled preprocessed cases into memory, checking label values against the plan."""
-    from masksam.components.preprocess import load_case
+    from masksam.components._dataset import load_case
 
     cases = []
     for name in names:
