@@ -40,6 +40,7 @@ from masksam.errors import UserError
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+MATCHINGS = ("hungarian", "fixed")
 
 
 @dataclass
@@ -64,6 +65,7 @@ class TrainConfig:
     foreground_oversample: float = 0.33
     augment: bool = True
     num_points: int = 0           # points per mask in the loss; 0 = min(112*112, img_size**2 / 4)
+    matching: str = "hungarian"   # hungarian (Mask2Former) | fixed (query c answers for class c)
     num_workers: int = 0
     val_overlap: float = 0.25     # sliding-window overlap in validation (fast setting)
     val_cases: int = 0            # validate on at most this many cases (0 = all of the fold's)
@@ -90,6 +92,8 @@ class TrainConfig:
                 raise UserError(f"{where}: train.{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.foreground_oversample <= 1.0:
             raise UserError(f"{where}: train.foreground_oversample must be in [0, 1]")
+        if self.matching not in MATCHINGS:
+            raise UserError(f"{where}: train.matching must be one of {MATCHINGS}, got {self.matching!r}")
         if self.lr <= 0:
             raise UserError(f"{where}: train.lr must be positive, got {self.lr}")
 
@@ -358,12 +362,18 @@ def train(
 
     from masksam.model import build_masksam
     from masksam.model.criterion import SetCriterion
+    from masksam.model.matcher import FixedMatcher
 
     seed_everything(cfg.seed)
     model = build_masksam(mcfg, checkpoint=mcfg.checkpoint).to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     num_points = cfg.num_points or min(112 * 112, mcfg.img_size ** 2 // 4)
-    criterion = SetCriterion(mcfg.num_classes, num_points=num_points).to(device)
+    matcher = None
+    if cfg.matching == "fixed":
+        if int(mcfg.num_queries) < mcfg.num_classes:  # type: ignore[arg-type]
+            raise UserError(f"train.matching fixed needs model.num_queries >= {mcfg.num_classes} (one per class)")
+        matcher = FixedMatcher()
+    criterion = SetCriterion(mcfg.num_classes, num_points=num_points, matcher=matcher).to(device)
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(cfg.steps, cfg.poly_exponent, cfg.warmup_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -478,6 +488,8 @@ def train(
             tracker.log_metrics(val_metrics, step)
             if bar is not None:
                 bar.write(f"step {step}: validation mean Dice {mean:.4f}")
+            else:
+                log.info("step %d: validation mean Dice %.4f", step, mean)
             improved = mean > best
             best = max(best, mean)
         history.append(row)

@@ -22,7 +22,7 @@ from scipy.optimize import linear_sum_assignment
 
 from .point_sampling import point_sample, sample_label_masks_all
 
-__all__ = ["HungarianMatcher", "MatchResult", "check_targets", "pairwise_mask_costs"]
+__all__ = ["FixedMatcher", "HungarianMatcher", "MatchResult", "check_targets", "pairwise_mask_costs"]
 
 
 @dataclass
@@ -148,3 +148,33 @@ class HungarianMatcher(torch.nn.Module):
             present=present,
             num_targets=int(presence_np.sum()),
         )
+
+
+class FixedMatcher(torch.nn.Module):
+    """Query ``c`` always answers for class ``c`` (MaskFormer's "fixed matching" ablation).
+
+    With few classes and a fixed label set (organ segmentation), tying queries to classes
+    removes the per-slice reshuffling of Hungarian matching, which a model trained from scratch
+    for a few thousand steps spends much of its budget on. Queries ``K..Q-1`` are always
+    unmatched and learn "no object". Same :class:`MatchResult` as :class:`HungarianMatcher`, so
+    :class:`~masksam.model.criterion.SetCriterion` is unchanged.
+    """
+
+    @torch.no_grad()
+    def forward(self, outputs: dict[str, torch.Tensor], target: torch.Tensor) -> MatchResult:
+        """Match query ``c`` to class ``c`` wherever class ``c`` is present in a slice."""
+        b, t, q, k1 = outputs["pred_logits"].shape
+        num_classes = k1 - 1
+        if q < num_classes:
+            raise ValueError(f"fixed matching needs num_queries >= num_classes ({num_classes}), got {q}")
+        if target.shape[:2] != (b, t):
+            raise ValueError(f"target {tuple(target.shape)} does not match outputs [B={b}, T={t}]")
+        check_targets(target, num_classes)
+        n = b * t
+        presence = torch.zeros(n, num_classes, dtype=torch.bool, device=target.device)
+        presence.scatter_(1, target.reshape(n, -1).long(), True)
+        slice_idx, target_class = presence.nonzero(as_tuple=True)
+        present = [row.nonzero().flatten().cpu() for row in presence]
+        indices = [(cols, torch.arange(len(cols), dtype=torch.int64)) for cols in present]
+        return MatchResult(slice_idx=slice_idx, query_idx=target_class.clone(), target_class=target_class,
+                           indices=indices, present=present, num_targets=int(presence.sum()))

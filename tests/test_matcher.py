@@ -149,3 +149,25 @@ def test_matcher_is_gradient_free_and_cheap_on_the_demo_shape() -> None:
     match = HungarianMatcher(num_points=4096)(outputs, target)
     assert not match.slice_idx.requires_grad
     assert len(match.indices) == 16 and match.num_targets == 16 * 5
+
+
+def test_fixed_matcher_ties_query_to_class() -> None:
+    """FixedMatcher gives query c the mask of class c wherever class c is present."""
+    from masksam.model.criterion import SetCriterion
+    from masksam.model.matcher import FixedMatcher
+
+    gen = torch.Generator().manual_seed(3)
+    outputs, target = _random_case(gen, b=2, t=3, q=6, k=4)
+    target[0, 1] = 0
+    target[0, 1, :3, :3] = 2  # slice (0, 1) holds background and class 2 only
+    match = FixedMatcher()(outputs, target)
+    assert torch.equal(match.query_idx, match.target_class)
+    pairs = set(zip(match.slice_idx.tolist(), match.target_class.tolist()))
+    expected = {(n, int(c)) for n in range(6) for c in target.reshape(6, -1)[n].unique()}
+    assert pairs == expected and match.num_targets == len(expected)
+    assert match.present[1].tolist() == [0, 2]
+    # the criterion runs on it unchanged; queries 4, 5 (no class) are always "no object"
+    losses = SetCriterion(4, matcher=FixedMatcher(), num_points=30)(outputs, target)
+    assert torch.isfinite(losses["loss"])
+    with pytest.raises(ValueError, match="num_queries >= num_classes"):
+        FixedMatcher()({k: v[:, :, :3] for k, v in outputs.items()}, target)
