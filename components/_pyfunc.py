@@ -57,8 +57,8 @@ class MaskSAMPyfunc(mlflow.pyfunc.PythonModel):
         from masksam.components.preprocess import preprocess_case, restore_to_original
 
         image, _, properties = preprocess_case(images, None, self.model.plan)
-        _, labels = _infer(self.model, image, mirror, overlap, 1, False)
-        return restore_to_original(labels, properties, is_label=True)
+        probs, _ = _infer(self.model, image, mirror, overlap, 1, False)
+        return restore_to_original(probs, properties)
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> np.ndarray:
         """Segment one volume given as an array in raw units; returns uint8 labels, same shape."""

@@ -180,6 +180,45 @@ def resample_label(label_zyx: np.ndarray, source: Grid, grid: Grid, mode: str = 
     return best_label
 
 
+def resample_probabilities(probs_kzyx: np.ndarray, source: Grid, grid: Grid) -> np.ndarray:
+    """Labels on ``grid`` from per-class maps ``[K, Z, Y, X]`` on ``source`` (class 0 = background).
+
+    nnU-Net's way back to the original spacing: interpolate each class's probability linearly,
+    then take the argmax on the target grid, so boundaries follow the soft prediction instead
+    of the staircase of an upsampled label map. Background is resampled over the whole grid;
+    each other class only over the bounding box (plus a voxel) of the source voxels where it
+    wins, so the cost follows the organs' volume. Memory: one float and one label array of the
+    target grid beyond the output.
+    """
+    probs_kzyx = np.asarray(probs_kzyx)
+    if probs_kzyx.ndim != 4 or tuple(probs_kzyx.shape[1:]) != source.shape_zyx:
+        raise ValueError(f"probabilities of shape {probs_kzyx.shape} are not [K, Z, Y, X] on {source.shape_zyx}")
+    argmax = probs_kzyx.argmax(axis=0).astype(np.uint8)
+    if source.same_as(grid):
+        return argmax
+    if source.direction != grid.direction and not np.allclose(source.direction, grid.direction, atol=1e-6):
+        raise ValueError("probability resampling needs source and target grids with one direction")
+    best_prob = resample_image(probs_kzyx[0], source, grid, "linear")
+    best_label = np.zeros(grid.shape_zyx, dtype=np.uint8)
+    values = [int(v) for v in np.unique(argmax) if v != 0]
+    shape = np.asarray(argmax.shape)
+    for value, box in zip(values, _bounding_boxes(argmax, values)):
+        lo_zyx = np.maximum(np.asarray([s.start for s in box]) - 1, 0)
+        hi_zyx = np.minimum(np.asarray([s.stop for s in box]), shape - 1)  # inclusive, +1 pad
+        cut = (value,) + tuple(slice(a, b + 1) for a, b in zip(lo_zyx, hi_zyx))
+        part = np.ascontiguousarray(probs_kzyx[cut], dtype=np.float32)
+        sub_source = source.sub(lo_zyx[::-1], part.shape[::-1])
+        g_lo, g_hi = _index_range_on(grid, sub_source, np.zeros(3), np.asarray(part.shape[::-1]) - 1)
+        sub_grid = grid.sub(g_lo, g_hi - g_lo + 1)
+        prob = sitk.GetArrayFromImage(_resample(sub_source.image(part), sub_grid, sitk.sitkLinear,
+                                                sitk.sitkFloat32))
+        out = tuple(slice(a, b + 1) for a, b in zip(g_lo[::-1], g_hi[::-1]))
+        better = prob > best_prob[out]
+        best_prob[out] = np.where(better, prob, best_prob[out])
+        best_label[out] = np.where(better, np.uint8(value), best_label[out])
+    return best_label
+
+
 def _bounding_boxes(label_zyx: np.ndarray, values: list[int]) -> list[tuple[slice, ...]]:
     from scipy import ndimage
 

@@ -1,6 +1,7 @@
 """``masksam predict``: segment new scans with a trained, exported or registered MaskSAM.
 
-Each scan goes preprocess_case -> sliding-window inference over slabs -> restore_to_original,
+Each scan goes preprocess_case -> sliding-window inference over slabs -> restore_to_original
+(class probabilities resampled back to the original spacing, then argmax, as nnU-Net does),
 so the label map has the input's exact size, spacing, origin and direction. Beside each label
 map a JSON summary gives, per structure, its volume in mL and its mean confidence. A scan that
 cannot be read is reported by name and the others are still processed; the exit status is
@@ -211,7 +212,8 @@ def predict(src: str | os.PathLike, out: str | os.PathLike, model: str | os.Path
                 probs, labels = _infer(loaded, image, mirror, overlap, batch_size, progress and big)
                 probs = np.asarray(probs)
                 labels = np.asarray(labels).astype(np.uint8)
-                restored = restore_to_original(labels, properties, is_label=True)
+                # class probabilities go back to the original spacing, then argmax (nnU-Net's way)
+                restored = restore_to_original(probs, properties)
                 _match_header(restored, first, scan.files[0])
                 suffix = FORMATS[out_format] if out_format else scan.suffix
                 target = out / f"{scan.case}{suffix}"

@@ -35,7 +35,7 @@ from masksam.components._dataset import PLAN_VERSION, load_case, load_plan  # no
 from masksam.components._io import atomic_path, load_params, pick_option, read_image, read_json
 from masksam.components._resample import (CANONICAL_ORIENTATION, IMAGE_INTERPOLATORS, LABEL_MODES,
                                           Grid, orientation_of, reorient, resample_image,
-                                          resample_label, target_grid)
+                                          resample_label, resample_probabilities, target_grid)
 from masksam.components._splits import make_splits
 from masksam.errors import UserError
 
@@ -183,21 +183,28 @@ def preprocess_case(images: list[sitk.Image], label: sitk.Image | None,
 
 def restore_to_original(array_zyx: np.ndarray, properties: dict, is_label: bool = True,
                         fill_value: float = 0.0) -> sitk.Image:
-    """Map a ``[Z, Y, X]`` map on the preprocessed grid back onto the case's original grid.
+    """Map a map on the preprocessed grid back onto the case's original grid.
 
-    Undoes resampling (labels: the plan's label interpolation; float maps: linear), pads the
-    crop back with ``fill_value`` (background), and undoes the reorientation. The result has
-    exactly the original size, spacing, origin and direction.
+    ``array_zyx`` is a ``[Z, Y, X]`` label map (``is_label``: resampled with the plan's label
+    interpolation) or float map (linear), or ``[K, Z, Y, X]`` per-class probabilities (class 0 =
+    background), which become a label map the nnU-Net way: each class interpolated linearly,
+    argmax on the original grid (smoother, more accurate boundaries than resampling labels).
+    Pads the crop back with ``fill_value`` (background) and undoes the reorientation. The result
+    has exactly the original size, spacing, origin and direction.
     """
     array_zyx = np.asarray(array_zyx)
     grid = Grid.from_json(properties["resampled"])
-    if array_zyx.ndim != 3 or tuple(array_zyx.shape) != grid.shape_zyx:
+    probabilities = array_zyx.ndim == 4
+    if array_zyx.ndim not in (3, 4) or tuple(array_zyx.shape[-3:]) != grid.shape_zyx:
         raise ValueError(f"array of shape {array_zyx.shape} is not on this case's preprocessed grid "
-                         f"{grid.shape_zyx}")
+                         f"{grid.shape_zyx} (expected [Z, Y, X] or [K, Z, Y, X])")
     reoriented = Grid.from_json(properties["reoriented"])
     crop = properties["crop"]
     cropped = reoriented.sub(crop["index_xyz"], crop["size_xyz"])
-    if is_label:
+    if probabilities:
+        back = resample_probabilities(array_zyx, grid, cropped)
+        full = np.full(reoriented.shape_zyx, int(fill_value), dtype=np.uint8)
+    elif is_label:
         mode = properties.get("label_interp", "nearest")
         back = resample_label(array_zyx.astype(np.uint8, copy=False), grid, cropped, mode)
         full = np.full(reoriented.shape_zyx, int(fill_value), dtype=np.uint8)
