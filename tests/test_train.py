@@ -118,6 +118,20 @@ def test_same_seed_same_weights_other_seed_differs(preprocessed, tmp_path):
     assert hashes[0] != hashes[2]
 
 
+def test_fixed_matching_trains_and_bad_settings_are_user_errors(preprocessed, tmp_path):
+    """train.matching fixed: query c answers for class c (needs a query per class)."""
+    fixed = train(preprocessed, tmp_path / "f", TINY_MODEL, tiny_train(steps=2, val_every=2, matching="fixed"),
+                  progress=False)
+    hung = train(preprocessed, tmp_path / "h", TINY_MODEL, tiny_train(steps=2, val_every=2), progress=False)
+    assert fixed["steps"] == 2 and fixed["best_val_mean_dice"] is not None
+    assert fixed["param_sha256"] != hung["param_sha256"]
+    with pytest.raises(UserError, match="num_queries >= 3"):  # background, liver, spleen
+        train(preprocessed, tmp_path / "q", {**TINY_MODEL, "num_queries": 2}, tiny_train(matching="fixed"),
+              progress=False)
+    with pytest.raises(UserError, match="train.matching must be one of"):
+        TrainConfig.from_params({"matching": "greedy"})
+
+
 def test_resume_after_interruption_matches_uninterrupted_run(preprocessed, tmp_path, monkeypatch):
     """Fast, in-process: stop a run right after its first checkpoint, resume, compare bitwise."""
     import masksam.components.train as train_mod
