@@ -129,6 +129,20 @@ def load_params(path: str | os.PathLike = "params.yaml", section: str | None = N
     return params[section] or {}
 
 
+def params_or_default(path: str | os.PathLike | None) -> dict:
+    """The whole params file for a verb's ``--params``: an explicit path must exist; without
+    one, ``params.yaml`` in the working directory is read when present, else nothing."""
+    if path is None:
+        return load_params("params.yaml") if Path("params.yaml").is_file() else {}
+    return load_params(path)
+
+
+def section(params: dict, name: str) -> dict:
+    """``params[name]`` or ``{}`` (a missing or empty section means "all defaults")."""
+    value = params.get(name)
+    return value if isinstance(value, dict) else {}
+
+
 def pick_option(cli_value: Any, params: dict, key: str, default: Any = None) -> Any:
     """One rule for every verb: an explicit CLI option overrides params.yaml, which overrides
     the built-in default (a ``null`` in params.yaml means "use the default")."""

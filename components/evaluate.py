@@ -543,14 +543,14 @@ def _run_cli(args: argparse.Namespace) -> int:
 
 
 def _run_pipeline_mode(args: argparse.Namespace) -> int:
-    from masksam.components._io import load_params
+    from masksam.components._io import load_params, pick_option, section
 
     params = load_params(args.params) if args.params else {}
-    raw = args.raw or params.get("data", {}).get("out")
-    pre = args.preprocessed or params.get("preprocess", {}).get("out")
-    out_dir = args.out_dir or params.get("evaluate", {}).get("out")
-    tolerance = args.nsd_tolerance if args.nsd_tolerance is not None else \
-        params.get("evaluate", {}).get("nsd_tolerance_mm", 2.0)
+    ev = section(params, "evaluate")
+    raw = pick_option(args.raw, section(params, "data"), "out")
+    pre = pick_option(args.preprocessed, section(params, "preprocess"), "out")
+    out_dir = pick_option(args.out_dir, ev, "out")
+    tolerance = float(pick_option(args.nsd_tolerance, ev, "nsd_tolerance_mm", 2.0))
     missing = [n for n, v in (("--raw", raw), ("--preprocessed", pre), ("--out-dir", out_dir)) if v is None]
     if missing:
         raise UserError(f"pipeline mode needs {', '.join(missing)} (or --params with data/preprocess/evaluate sections)")

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from masksam.components._io import atomic_path, load_params, read_json, write_json
+from masksam.components._io import atomic_path, params_or_default, pick_option, read_json, section, write_json
 from masksam.components._loading import ONNX_NAME, sha256_file, sidecar_path
 from masksam.errors import UserError
 
@@ -361,18 +361,18 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--exporter", choices=EXPORTERS, default="auto", help="auto: torch's default "
                    "(dynamo) exporter, falling back to the TorchScript one where it fails (the reason "
                    "is logged and recorded in the sidecar); dynamo or torchscript: only that one")
-    p.add_argument("--params", default="params.yaml", help="parameters file (export section)")
+    p.add_argument("--params", help="parameters file for the defaults above (export and preprocess "
+                   "sections; default: params.yaml when present)")
     p.set_defaults(func=_main)
 
 
 def _main(args: argparse.Namespace) -> int:
-    params = load_params(args.params, "export") if Path(args.params).is_file() else {}
-    data = args.data
-    if data is None and Path(args.params).is_file():
-        data = load_params(args.params, "preprocess").get("out")
-    export(args.train, args.out or params.get("out", "data/export"),
-           opset=args.opset or int(params.get("opset", 18)),
-           fp16=bool(args.fp16 if args.fp16 is not None else params.get("fp16", False)),
-           atol=args.atol if args.atol is not None else float(params.get("atol", 1e-3)),
-           fp16_atol=args.fp16_atol, data_dir=data, tensorrt=args.tensorrt, exporter=args.exporter)
+    params = params_or_default(args.params)
+    ex = section(params, "export")
+    export(args.train, pick_option(args.out, ex, "out", "data/export"),
+           opset=int(pick_option(args.opset, ex, "opset", 18)),
+           fp16=bool(pick_option(args.fp16, ex, "fp16", False)),
+           atol=float(pick_option(args.atol, ex, "atol", 1e-3)),
+           fp16_atol=args.fp16_atol, data_dir=pick_option(args.data, section(params, "preprocess"), "out"),
+           tensorrt=args.tensorrt, exporter=args.exporter)
     return 0

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from masksam.components._io import load_params, read_json
+from masksam.components._io import params_or_default, pick_option, read_json, section
 from masksam.components._loading import ONNX_NAME, read_sidecar, sha256_file, sidecar_path, verify_files
 from masksam.errors import UserError
 
@@ -235,17 +235,17 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model-name", help="registered model name (default: params register.model_name)")
     p.add_argument("--alias", help="alias of the best version (default: params register.alias, champion)")
     p.add_argument("--experiment", help="MLflow experiment (default: params train.experiment)")
-    p.add_argument("--params", default="params.yaml", help="parameters file")
+    p.add_argument("--params", help="parameters file for the defaults above (default: params.yaml "
+                   "when present)")
     p.set_defaults(func=_main)
 
 
 def _main(args: argparse.Namespace) -> int:
-    have = Path(args.params).is_file()
-    params = load_params(args.params, "register") if have else {}
-    experiment = args.experiment or (load_params(args.params, "train").get("experiment") if have else None)
+    params = params_or_default(args.params)
+    reg = section(params, "register")
     decision = register(args.train, args.export, args.eval,
-                        model_name=args.model_name or params.get("model_name", "masksam"),
-                        alias=args.alias or params.get("alias", "champion"),
-                        experiment=experiment or "masksam")
+                        model_name=pick_option(args.model_name, reg, "model_name", "masksam"),
+                        alias=pick_option(args.alias, reg, "alias", "champion"),
+                        experiment=pick_option(args.experiment, section(params, "train"), "experiment", "masksam"))
     print(f"masksam register: version {decision.version} -> @{decision.alias} ({decision.reason})")
     return 0

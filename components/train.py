@@ -371,7 +371,9 @@ def train(
     matcher = None
     if cfg.matching == "fixed":
         if int(mcfg.num_queries) < mcfg.num_classes:  # type: ignore[arg-type]
-            raise UserError(f"train.matching fixed needs model.num_queries >= {mcfg.num_classes} (one per class)")
+            raise UserError(f"train.matching fixed needs model.num_queries >= {mcfg.num_classes} (one per class, "
+                            f"background included); got {mcfg.num_queries}. Raise model.num_queries, set it to "
+                            "null (classes + 3), or use train.matching: hungarian")
         matcher = FixedMatcher()
     criterion = SetCriterion(mcfg.num_classes, num_points=num_points, matcher=matcher).to(device)
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)

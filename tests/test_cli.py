@@ -42,3 +42,23 @@ def test_user_error_is_one_line_and_exit_2(tmp_path, capsys: pytest.CaptureFixtu
     err = capsys.readouterr().err
     assert status == 2
     assert err.strip() == f"masksam data: error: {tmp_path / 'missing'}: dataset folder not found"
+
+
+def test_option_then_params_then_default(tmp_path, monkeypatch) -> None:
+    """Every verb's rule: CLI option > params.yaml (null = unset) > built-in default; an explicit
+    --params that does not exist is an error, an absent default params.yaml is not."""
+    from masksam.components._io import params_or_default, pick_option, section
+    from masksam.errors import UserError
+
+    monkeypatch.chdir(tmp_path)
+    assert params_or_default(None) == {}
+    with pytest.raises(UserError, match="parameters file not found"):
+        params_or_default(tmp_path / "missing.yaml")
+    (tmp_path / "params.yaml").write_text("export:\n  opset: 17\n  fp16: null\nregister:\n")
+    params = params_or_default(None)
+    ex = section(params, "export")
+    assert section(params, "register") == {} and section(params, "nope") == {}
+    assert pick_option(None, ex, "opset", 18) == 17
+    assert pick_option(19, ex, "opset", 18) == 19
+    assert pick_option(None, ex, "fp16", False) is False
+    assert pick_option(None, ex, "atol", 1e-3) == 1e-3

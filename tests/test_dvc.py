@@ -27,7 +27,7 @@ def _tiny_params() -> dict:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["data"].update(cases=5, size=[64, 64, 16])
     params["preprocess"].update(target_spacing=[3.0, 3.0, 6.0], test_fraction=0.2, folds=3)
-    params["model"].update(img_size=32, slab_depth=4, num_queries=4)
+    params["model"].update(img_size=32, slab_depth=4, num_queries=8)  # fixed matching: one per class
     params["train"].update(steps=4, val_every=4, batch_size=1)
     return params
 
