@@ -185,10 +185,10 @@ def resample_probabilities(probs_kzyx: np.ndarray, source: Grid, grid: Grid) -> 
 
     nnU-Net's way back to the original spacing: interpolate each class's probability linearly,
     then take the argmax on the target grid, so boundaries follow the soft prediction instead
-    of the staircase of an upsampled label map. Background is resampled over the whole grid;
-    each other class only over the bounding box (plus a voxel) of the source voxels where it
-    wins, so the cost follows the organs' volume. Memory: one float and one label array of the
-    target grid beyond the output.
+    of the staircase of an upsampled label map. Only the box around the source voxels where a
+    foreground class wins (plus a voxel) can change; everything outside is background. Inside,
+    background is resampled over that box and each class over its own box, so time and memory
+    follow the organs' extent, not the scan's (a 512x512x200 CT keeps two box-sized arrays).
     """
     probs_kzyx = np.asarray(probs_kzyx)
     if probs_kzyx.ndim != 4 or tuple(probs_kzyx.shape[1:]) != source.shape_zyx:
@@ -198,25 +198,40 @@ def resample_probabilities(probs_kzyx: np.ndarray, source: Grid, grid: Grid) -> 
         return argmax
     if source.direction != grid.direction and not np.allclose(source.direction, grid.direction, atol=1e-6):
         raise ValueError("probability resampling needs source and target grids with one direction")
-    best_prob = resample_image(probs_kzyx[0], source, grid, "linear")
-    best_label = np.zeros(grid.shape_zyx, dtype=np.uint8)
+    labels = np.zeros(grid.shape_zyx, dtype=np.uint8)
     values = [int(v) for v in np.unique(argmax) if v != 0]
+    if not values:
+        return labels
     shape = np.asarray(argmax.shape)
-    for value, box in zip(values, _bounding_boxes(argmax, values)):
+
+    def boxes(box: tuple[slice, ...]) -> tuple[tuple[slice, ...], Grid, np.ndarray, np.ndarray]:
+        """Source cut (padded by a voxel), its sub-grid, and the target index range it covers."""
         lo_zyx = np.maximum(np.asarray([s.start for s in box]) - 1, 0)
         hi_zyx = np.minimum(np.asarray([s.stop for s in box]), shape - 1)  # inclusive, +1 pad
-        cut = (value,) + tuple(slice(a, b + 1) for a, b in zip(lo_zyx, hi_zyx))
-        part = np.ascontiguousarray(probs_kzyx[cut], dtype=np.float32)
-        sub_source = source.sub(lo_zyx[::-1], part.shape[::-1])
-        g_lo, g_hi = _index_range_on(grid, sub_source, np.zeros(3), np.asarray(part.shape[::-1]) - 1)
-        sub_grid = grid.sub(g_lo, g_hi - g_lo + 1)
-        prob = sitk.GetArrayFromImage(_resample(sub_source.image(part), sub_grid, sitk.sitkLinear,
-                                                sitk.sitkFloat32))
-        out = tuple(slice(a, b + 1) for a, b in zip(g_lo[::-1], g_hi[::-1]))
+        size_xyz = (hi_zyx - lo_zyx + 1)[::-1]
+        sub_source = source.sub(lo_zyx[::-1], size_xyz)
+        g_lo, g_hi = _index_range_on(grid, sub_source, np.zeros(3), size_xyz - 1)
+        return tuple(slice(a, b + 1) for a, b in zip(lo_zyx, hi_zyx)), sub_source, g_lo, g_hi
+
+    def resample(channel: int, cut: tuple[slice, ...], sub_source: Grid, g_lo, g_hi) -> np.ndarray:
+        part = np.ascontiguousarray(probs_kzyx[(channel,) + cut], dtype=np.float32)
+        return sitk.GetArrayFromImage(_resample(sub_source.image(part), grid.sub(g_lo, g_hi - g_lo + 1),
+                                                sitk.sitkLinear, sitk.sitkFloat32))
+
+    fg = (argmax != 0).astype(np.uint8)
+    cut, sub_source, r_lo, r_hi = boxes(_bounding_boxes(fg, [1])[0])
+    best_prob = resample(0, cut, sub_source, r_lo, r_hi)  # background over the foreground's box
+    best_label = np.zeros(best_prob.shape, dtype=np.uint8)
+    for value, box in zip(values, _bounding_boxes(argmax, values)):
+        cut, sub_source, g_lo, g_hi = boxes(box)
+        prob = resample(value, cut, sub_source, g_lo, g_hi)
+        # the class's target range lies inside the foreground's (same monotone mapping)
+        out = tuple(slice(a - r, b - r + 1) for a, b, r in zip(g_lo[::-1], g_hi[::-1], r_lo[::-1]))
         better = prob > best_prob[out]
         best_prob[out] = np.where(better, prob, best_prob[out])
         best_label[out] = np.where(better, np.uint8(value), best_label[out])
-    return best_label
+    labels[tuple(slice(a, b + 1) for a, b in zip(r_lo[::-1], r_hi[::-1]))] = best_label
+    return labels
 
 
 def _bounding_boxes(label_zyx: np.ndarray, values: list[int]) -> list[tuple[slice, ...]]:
