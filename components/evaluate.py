@@ -543,9 +543,9 @@ def _run_cli(args: argparse.Namespace) -> int:
 
 
 def _run_pipeline_mode(args: argparse.Namespace) -> int:
-    from masksam.components._io import load_params, pick_option, section
+    from masksam.components._io import params_or_default, pick_option, section
 
-    params = load_params(args.params) if args.params else {}
+    params = params_or_default(args.params)
     ev = section(params, "evaluate")
     raw = pick_option(args.raw, section(params, "data"), "out")
     pre = pick_option(args.preprocessed, section(params, "preprocess"), "out")
@@ -611,7 +611,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     pipe.add_argument("--out-dir", metavar="DIR", help="output folder: predictions/, summary.json, "
                       "per_case.csv, plots/, metrics.json, per_class.csv (default: evaluate.out of --params)")
     pipe.add_argument("--split", default="test", help="'test' (default) or 'valN' for fold N's validation cases")
-    pipe.add_argument("--params", metavar="FILE", help="params.yaml supplying the defaults above")
+    pipe.add_argument("--params", metavar="FILE", help="params file supplying the defaults above "
+                      "(default: params.yaml when present)")
     pipe.add_argument("--device", default="auto", help="auto, cpu, cuda or tensorrt (default: %(default)s)")
     pipe.add_argument("--mirror", action="store_true", help="test-time mirroring (slower, slightly better)")
     pipe.add_argument("--no-mlflow", action="store_true", help="do not log the test metrics to the "
