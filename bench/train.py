@@ -1,8 +1,9 @@
 """Training throughput and peak memory of MaskSAM on this machine.
 
 For each configuration (the demo's ``model:``/``train:`` sections of params.yaml, and ``vit_b``
-at img 256) a fresh subprocess runs the real training step (slab sampler with augmentation,
-forward under autocast, SetCriterion, backward, clipping, AdamW) on synthetic phantom-like
+at img 256) a fresh subprocess runs the real training step (slab sampler, with augmentation where the
+params turn it on, forward under autocast, SetCriterion with the params' matcher, backward,
+clipping, AdamW) on synthetic phantom-like
 slabs, and reports slabs/s (median over steps after warm-up) and the process's peak RSS.
 With ``--demo DIR`` it also reads a finished demo run (``DIR/train_summary.json``, and
 ``--eval`` an evaluate summary.json) for its wall time and held-out Dice. Prints Markdown.
@@ -44,6 +45,7 @@ def run_one(model_params: dict, train_params: dict, steps: int, warmup: int, dev
     from masksam.components.train import resolve_precision
     from masksam.model import MaskSAMConfig, build_masksam
     from masksam.model.criterion import SetCriterion
+    from masksam.model.matcher import FixedMatcher
 
     num_classes = 8  # the phantom's background + 7 organs
     cfg = MaskSAMConfig.from_dict({**model_params, "num_classes": num_classes, "in_channels": 1})
@@ -52,7 +54,9 @@ def run_one(model_params: dict, train_params: dict, steps: int, warmup: int, dev
     dtype = resolve_precision(train_params.get("precision", "auto"), dev)
     model = build_masksam(cfg).to(dev).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    crit = SetCriterion(num_classes, num_points=train_params.get("num_points") or min(12544, cfg.img_size ** 2 // 4)).to(dev)
+    matcher = FixedMatcher() if train_params.get("matching") == "fixed" else None
+    crit = SetCriterion(num_classes, num_points=train_params.get("num_points") or min(12544, cfg.img_size ** 2 // 4),
+                        matcher=matcher).to(dev)
     opt = torch.optim.AdamW(trainable, lr=float(train_params.get("lr", 1e-3)))
     rng = np.random.default_rng(0)
     z, y, x = max(cfg.slab_depth * 3, 12), cfg.img_size + 16, cfg.img_size + 16
@@ -68,7 +72,7 @@ def run_one(model_params: dict, train_params: dict, steps: int, warmup: int, dev
         cases.append(make_case(f"b{i}", image, label))
     batch = int(train_params.get("batch_size", 2))
     ds = SlabDataset(cases, cfg.slab_depth, cfg.img_size, float(train_params.get("foreground_oversample", 0.33)),
-                     augmentation=AugmentConfig())
+                     augmentation=AugmentConfig() if train_params.get("augment", True) else None)
     times = []
     for step in range(warmup + steps):
         t = time.perf_counter()
@@ -89,6 +93,7 @@ def run_one(model_params: dict, train_params: dict, steps: int, warmup: int, dev
     med = statistics.median(times)
     peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     return {"variant": cfg.variant, "img_size": cfg.img_size, "slab_depth": cfg.slab_depth, "batch": batch,
+            "matching": train_params.get("matching", "hungarian"),
             "trainable_params": sum(p.numel() for p in trainable),
             "median_step_s": med, "slabs_per_s": batch / med, "peak_rss_mib": peak_rss_mib,
             "steps_timed": steps, "device": device, "dtype": str(dtype).replace("torch.", ""),
@@ -132,10 +137,11 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"## Training throughput ({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, load avg {os.getloadavg()[0]:.1f})\n")
-    print("| config | variant | img | T | batch | trainable params | dtype | median s/step | slabs/s | peak RSS MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| config | variant | img | T | batch | matching | trainable params | dtype | median s/step | slabs/s "
+          "| peak RSS MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in rows:
-        print(f"| {name} | {r['variant']} | {r['img_size']} | {r['slab_depth']} | {r['batch']} | "
+        print(f"| {name} | {r['variant']} | {r['img_size']} | {r['slab_depth']} | {r['batch']} | {r['matching']} | "
               f"{r['trainable_params'] / 1e6:.2f} M | {r['dtype']} | {r['median_step_s']:.2f} | "
               f"{r['slabs_per_s']:.2f} | {r['peak_rss_mib']:.0f} |")
     if args.demo:
