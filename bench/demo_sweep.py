@@ -87,10 +87,9 @@ def run_variant(name: str, params: dict, args: argparse.Namespace) -> dict:
         return row
     summary = json.loads((out / "train" / "train_summary.json").read_text())
     row["best_val"] = summary.get("best_val_mean_dice")
-    env_eval = dict(env)
     score = subprocess.run([sys.executable, __file__, "--score", str(out / "train"), "--preprocessed",
                             args.preprocessed, "--device", args.device],
-                           capture_output=True, text=True, env=env_eval, cwd=out)
+                           capture_output=True, text=True, env=env, cwd=out)
     if score.returncode != 0:
         row["error"] = score.stderr[-800:]
         return row
