@@ -151,24 +151,14 @@ def resample_label(label_zyx: np.ndarray, source: Grid, grid: Grid, mode: str = 
         out = _resample(source.image(label_zyx.astype(np.uint8, copy=False)), grid,
                         sitk.sitkNearestNeighbor, sitk.sitkUInt8)
         return sitk.GetArrayFromImage(out)
-    if source.direction != grid.direction and not np.allclose(source.direction, grid.direction, atol=1e-6):
-        raise ValueError("label-aware resampling needs source and target grids with one direction")
+    _check_same_direction(source, grid, "label-aware resampling")
     best_label = np.zeros(grid.shape_zyx, dtype=np.uint8)
     best_prob = np.zeros(grid.shape_zyx, dtype=np.float32)
     foreground = np.zeros(grid.shape_zyx, dtype=np.float32)
     values = [int(v) for v in np.unique(label_zyx) if v != 0]
-    objects = _bounding_boxes(label_zyx, values)
-    shape = np.asarray(label_zyx.shape)
-    for value, box in zip(values, objects):
-        lo_zyx = np.maximum(np.asarray([s.start for s in box]) - 1, 0)
-        hi_zyx = np.minimum(np.asarray([s.stop for s in box]), shape - 1)  # inclusive, +1 pad
-        cut = tuple(slice(a, b + 1) for a, b in zip(lo_zyx, hi_zyx))
-        mask = (label_zyx[cut] == value).astype(np.float32)
-        sub_source = source.sub(lo_zyx[::-1], mask.shape[::-1])
-        g_lo, g_hi = _index_range_on(grid, sub_source, np.zeros(3), np.asarray(mask.shape[::-1]) - 1)
-        sub_grid = grid.sub(g_lo, g_hi - g_lo + 1)
-        prob = sitk.GetArrayFromImage(_resample(sub_source.image(mask), sub_grid, sitk.sitkLinear,
-                                                sitk.sitkFloat32))
+    for value, box in zip(values, _bounding_boxes(label_zyx, values)):
+        cut, sub_source, g_lo, g_hi = _padded_box(box, label_zyx.shape, source, grid)
+        prob = _resample_part((label_zyx[cut] == value).astype(np.float32), sub_source, grid, g_lo, g_hi)
         out = tuple(slice(a, b + 1) for a, b in zip(g_lo[::-1], g_hi[::-1]))
         better = prob > best_prob[out]
         best_prob[out] = np.where(better, prob, best_prob[out])
@@ -196,35 +186,22 @@ def resample_probabilities(probs_kzyx: np.ndarray, source: Grid, grid: Grid) -> 
     argmax = probs_kzyx.argmax(axis=0).astype(np.uint8)
     if source.same_as(grid):
         return argmax
-    if source.direction != grid.direction and not np.allclose(source.direction, grid.direction, atol=1e-6):
-        raise ValueError("probability resampling needs source and target grids with one direction")
+    _check_same_direction(source, grid, "probability resampling")
     labels = np.zeros(grid.shape_zyx, dtype=np.uint8)
     values = [int(v) for v in np.unique(argmax) if v != 0]
     if not values:
         return labels
-    shape = np.asarray(argmax.shape)
 
-    def boxes(box: tuple[slice, ...]) -> tuple[tuple[slice, ...], Grid, np.ndarray, np.ndarray]:
-        """Source cut (padded by a voxel), its sub-grid, and the target index range it covers."""
-        lo_zyx = np.maximum(np.asarray([s.start for s in box]) - 1, 0)
-        hi_zyx = np.minimum(np.asarray([s.stop for s in box]), shape - 1)  # inclusive, +1 pad
-        size_xyz = (hi_zyx - lo_zyx + 1)[::-1]
-        sub_source = source.sub(lo_zyx[::-1], size_xyz)
-        g_lo, g_hi = _index_range_on(grid, sub_source, np.zeros(3), size_xyz - 1)
-        return tuple(slice(a, b + 1) for a, b in zip(lo_zyx, hi_zyx)), sub_source, g_lo, g_hi
+    def channel(k: int, cut: tuple[slice, ...]) -> np.ndarray:
+        return np.ascontiguousarray(probs_kzyx[(k,) + cut], dtype=np.float32)
 
-    def resample(channel: int, cut: tuple[slice, ...], sub_source: Grid, g_lo, g_hi) -> np.ndarray:
-        part = np.ascontiguousarray(probs_kzyx[(channel,) + cut], dtype=np.float32)
-        return sitk.GetArrayFromImage(_resample(sub_source.image(part), grid.sub(g_lo, g_hi - g_lo + 1),
-                                                sitk.sitkLinear, sitk.sitkFloat32))
-
-    fg = (argmax != 0).astype(np.uint8)
-    cut, sub_source, r_lo, r_hi = boxes(_bounding_boxes(fg, [1])[0])
-    best_prob = resample(0, cut, sub_source, r_lo, r_hi)  # background over the foreground's box
+    fg_box = _bounding_boxes((argmax != 0).astype(np.uint8), [1])[0]
+    cut, sub_source, r_lo, r_hi = _padded_box(fg_box, argmax.shape, source, grid)
+    best_prob = _resample_part(channel(0, cut), sub_source, grid, r_lo, r_hi)  # background, fg's box
     best_label = np.zeros(best_prob.shape, dtype=np.uint8)
     for value, box in zip(values, _bounding_boxes(argmax, values)):
-        cut, sub_source, g_lo, g_hi = boxes(box)
-        prob = resample(value, cut, sub_source, g_lo, g_hi)
+        cut, sub_source, g_lo, g_hi = _padded_box(box, argmax.shape, source, grid)
+        prob = _resample_part(channel(value, cut), sub_source, grid, g_lo, g_hi)
         # the class's target range lies inside the foreground's (same monotone mapping)
         out = tuple(slice(a - r, b - r + 1) for a, b, r in zip(g_lo[::-1], g_hi[::-1], r_lo[::-1]))
         better = prob > best_prob[out]
@@ -232,6 +209,30 @@ def resample_probabilities(probs_kzyx: np.ndarray, source: Grid, grid: Grid) -> 
         best_label[out] = np.where(better, np.uint8(value), best_label[out])
     labels[tuple(slice(a, b + 1) for a, b in zip(r_lo[::-1], r_hi[::-1]))] = best_label
     return labels
+
+
+def _check_same_direction(source: Grid, grid: Grid, what: str) -> None:
+    if source.direction != grid.direction and not np.allclose(source.direction, grid.direction, atol=1e-6):
+        raise ValueError(f"{what} needs source and target grids with one direction")
+
+
+def _padded_box(box: tuple[slice, ...], shape_zyx: tuple[int, ...], source: Grid, grid: Grid
+                ) -> tuple[tuple[slice, ...], Grid, np.ndarray, np.ndarray]:
+    """A source box padded by a voxel: its cut, its sub-grid, and the ``grid`` index range
+    (xyz, inclusive) that it covers."""
+    lo_zyx = np.maximum(np.asarray([s.start for s in box]) - 1, 0)
+    hi_zyx = np.minimum(np.asarray([s.stop for s in box]), np.asarray(shape_zyx) - 1)  # inclusive, +1 pad
+    size_xyz = (hi_zyx - lo_zyx + 1)[::-1]
+    sub_source = source.sub(lo_zyx[::-1], size_xyz)
+    g_lo, g_hi = _index_range_on(grid, sub_source, np.zeros(3), size_xyz - 1)
+    return tuple(slice(a, b + 1) for a, b in zip(lo_zyx, hi_zyx)), sub_source, g_lo, g_hi
+
+
+def _resample_part(part_zyx: np.ndarray, sub_source: Grid, grid: Grid, g_lo: np.ndarray, g_hi: np.ndarray
+                   ) -> np.ndarray:
+    """Linear resampling of a float box onto the part of ``grid`` between ``g_lo`` and ``g_hi``."""
+    return sitk.GetArrayFromImage(_resample(sub_source.image(part_zyx), grid.sub(g_lo, g_hi - g_lo + 1),
+                                            sitk.sitkLinear, sitk.sitkFloat32))
 
 
 def _bounding_boxes(label_zyx: np.ndarray, values: list[int]) -> list[tuple[slice, ...]]:
