@@ -22,7 +22,8 @@ from scipy.optimize import linear_sum_assignment
 
 from .point_sampling import point_sample, sample_label_masks_all
 
-__all__ = ["FixedMatcher", "HungarianMatcher", "MatchResult", "check_targets", "pairwise_mask_costs"]
+__all__ = ["FixedMatcher", "HungarianMatcher", "MatchResult", "check_targets", "class_presence",
+           "pairwise_mask_costs"]
 
 
 @dataclass
@@ -50,6 +51,14 @@ def check_targets(target: torch.Tensor, num_classes: int) -> None:
         raise ValueError(f"target labels must lie in [0, {num_classes - 1}] "
                          f"(num_classes={num_classes}), found [{int(target.min())}, "
                          f"{int(target.max())}]")
+
+
+def class_presence(target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``[N, K]`` bool: which classes occur in each of the ``N = B*T`` slices of ``target``."""
+    n = target.shape[0] * target.shape[1]
+    presence = torch.zeros(n, num_classes, dtype=torch.bool, device=target.device)
+    presence.scatter_(1, target.reshape(n, -1).long(), True)
+    return presence
 
 
 def pairwise_mask_costs(pred_points: torch.Tensor, tgt_points: torch.Tensor
@@ -121,9 +130,7 @@ class HungarianMatcher(torch.nn.Module):
         """Match the queries of every slice of ``outputs`` to the classes of ``target [B,T,H,W]``."""
         cost = self.cost_matrices(outputs, target)
         n, _, num_classes = cost.shape
-        flat_target = target.reshape(n, -1).long()
-        presence = torch.zeros(n, num_classes, dtype=torch.bool, device=target.device)
-        presence.scatter_(1, flat_target, True)
+        presence = class_presence(target, num_classes)
         cost_np = cost.cpu().numpy()
         presence_np = presence.cpu().numpy()
         slices, queries, classes = [], [], []
@@ -170,9 +177,7 @@ class FixedMatcher(torch.nn.Module):
         if target.shape[:2] != (b, t):
             raise ValueError(f"target {tuple(target.shape)} does not match outputs [B={b}, T={t}]")
         check_targets(target, num_classes)
-        n = b * t
-        presence = torch.zeros(n, num_classes, dtype=torch.bool, device=target.device)
-        presence.scatter_(1, target.reshape(n, -1).long(), True)
+        presence = class_presence(target, num_classes)
         slice_idx, target_class = presence.nonzero(as_tuple=True)
         present = [row.nonzero().flatten().cpu() for row in presence]
         indices = [(cols, torch.arange(len(cols), dtype=torch.int64)) for cols in present]
