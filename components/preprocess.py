@@ -21,7 +21,6 @@ import zipfile
 import zlib
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -32,11 +31,13 @@ from tqdm import tqdm
 from masksam import __version__
 from masksam.components import _fingerprint as fp
 from masksam.components._dataset import PLAN_VERSION, load_case, load_plan  # noqa: F401 (re-exported)
-from masksam.components._io import atomic_path, load_params, pick_option, read_image, read_json
+from masksam.components._io import (check_output_dir, load_params, owned_output_dir, pick_option, read_image)
 from masksam.components._resample import (CANONICAL_ORIENTATION, IMAGE_INTERPOLATORS, LABEL_MODES,
                                           Grid, orientation_of, reorient, resample_image,
                                           resample_label, resample_probabilities, target_grid)
+from masksam.components._scan import read_dataset_json
 from masksam.components._splits import make_splits
+from masksam.components._workers import kill_workers, spawn_pool, stop_on_signals
 from masksam.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -255,7 +256,7 @@ def read_raw_dataset(raw_dir: str | os.PathLike) -> tuple[dict, dict[str, tuple[
     raw = Path(raw_dir)
     if not raw.is_dir():
         raise UserError(f"raw dataset directory not found: {raw} (run `masksam data` first)")
-    ds = read_json(raw / "dataset.json", "nnU-Net dataset.json")
+    ds = read_dataset_json(raw / "dataset.json", "nnU-Net dataset.json")
     where = raw / "dataset.json"
     channels = ds.get("channel_names") or ds.get("modality")
     if not isinstance(channels, dict) or not channels:
@@ -317,9 +318,9 @@ def _fingerprint_case(case: str, paths: list[Path], label_path: Path, plan: dict
 
 
 def _preprocess_and_write(case: str, paths: list[Path], label_path: Path, plan: dict, out: Path):
-    try:
-        images = [read_image(p) for p in paths]
-        label = read_image(label_path)
+    try:  # the fingerprint pass read and checked these files already: skip the raw-stream scan
+        images = [read_image(p, check=False) for p in paths]
+        label = read_image(label_path, check=False)
         image, label_array, properties = preprocess_case(images, label, plan)
         properties = {"case": case, "image_files": [p.name for p in paths],
                       "label_file": label_path.name, **properties}
@@ -331,18 +332,21 @@ def _preprocess_and_write(case: str, paths: list[Path], label_path: Path, plan: 
 
 
 def _make_pool(workers: int, jobs: int) -> ProcessPoolExecutor | None:
-    """One spawn-based pool for both passes (None: run inline); ITK threads split among workers."""
+    """One spawn-based pool for both passes (None: run inline); ITK threads split among workers.
+    Its workers die with this process, even when it is SIGKILLed."""
     workers = min(workers, jobs)
     if workers <= 1:
         return None
     threads = max(1, (os.cpu_count() or 1) // workers)
-    return ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
-                               initializer=_init_worker, initargs=(threads,))
+    return spawn_pool(workers, _init_worker, (threads,))
 
 
 def _run_parallel(fn: Callable, jobs: dict[str, tuple], pool: ProcessPoolExecutor | None, desc: str,
                   progress: bool) -> dict:
-    """``{case: fn(case, *args)}`` over the pool (or inline without one), with a tqdm bar."""
+    """``{case: fn(case, *args)}`` over the pool (or inline without one), with a tqdm bar.
+
+    On any failure or interruption the pool's workers are killed before the error propagates,
+    so none is still writing into the temporary output when it is removed."""
     results = {}
     bar = tqdm(total=len(jobs), desc=desc, unit="case", disable=not progress)
     try:
@@ -362,9 +366,8 @@ def _run_parallel(fn: Callable, jobs: dict[str, tuple], pool: ProcessPoolExecuto
                             f"'{futures[future]}' (killed for memory?); rerun with fewer --workers"
                         ) from exc
                     bar.update()
-            except BaseException:
-                for f in futures:
-                    f.cancel()
+            except BaseException:  # the pool breaks: every pending future fails, none runs on
+                kill_workers(pool)
                 raise
     finally:
         bar.close()
@@ -385,11 +388,14 @@ def preprocess_dataset(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, *
                        workers: int = DEFAULTS["workers"], folds: int = DEFAULTS["folds"],
                        seed: int = DEFAULTS["seed"], test_fraction: float = DEFAULTS["test_fraction"],
                        image_interp: str = DEFAULTS["image_interp"],
-                       label_interp: str = DEFAULTS["label_interp"], progress: bool = True) -> dict:
+                       label_interp: str = DEFAULTS["label_interp"], progress: bool = True,
+                       force: bool = False) -> dict:
     """Fingerprint, plan and preprocess an nnU-Net v2 raw dataset into ``out_dir``; returns the plan.
 
     ``target_spacing`` (x, y, z mm) overrides the fingerprint's median spacing. The output
-    directory is replaced as a whole only when every case succeeded.
+    directory is replaced as a whole only when every case succeeded, and only when it is new,
+    empty or an earlier output of this step (``force``: any folder that is not an input).
+    SIGTERM stops the workers and removes the partial output before exiting non-zero.
     """
     if image_interp not in IMAGE_INTERPOLATORS:
         raise UserError(f"--image-interp must be one of {sorted(IMAGE_INTERPOLATORS)}, got {image_interp!r}")
@@ -401,6 +407,7 @@ def preprocess_dataset(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, *
             raise UserError(f"--target-spacing needs three positive numbers (x y z mm), got {target_spacing}")
     if workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
+    check_output_dir(out_dir, "preprocess", inputs=(raw_dir,), force=force, what="--out")
     ds, cases = read_raw_dataset(raw_dir)
     # Fail early on an impossible split, before the expensive part.
     splits = make_splits(list(cases), folds, seed, ds.get("fixed_test_cases"), test_fraction)
@@ -420,17 +427,20 @@ def preprocess_dataset(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, *
         "seed": seed,
         "cases": sorted(cases),
     }
-    pool = _make_pool(workers, len(cases))
-    try:
-        plan = _plan_and_write(plan, splits, cases, out_dir, target_spacing, pool, progress)
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+    with stop_on_signals("preprocess"):
+        pool = _make_pool(workers, len(cases))
+        try:
+            plan = _plan_and_write(plan, splits, cases, out_dir, target_spacing, pool, progress,
+                                   inputs=(raw_dir,), force=force)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
     return plan
 
 
 def _plan_and_write(plan: dict, splits: dict, cases: dict, out_dir, target_spacing,
-                    pool: ProcessPoolExecutor | None, progress: bool) -> dict:
+                    pool: ProcessPoolExecutor | None, progress: bool, inputs: Sequence = (),
+                    force: bool = False) -> dict:
     """Fingerprint pass, plan, then the preprocessing pass into a temporary OUT renamed at the end."""
     channels = plan["channel_names"]
     n_samples = fp.samples_per_case(len(cases))
@@ -461,8 +471,8 @@ def _plan_and_write(plan: dict, splits: dict, cases: dict, out_dir, target_spaci
         log.warning("label voxels outside the body crop (lost in training): %s", outside)
 
     out = Path(out_dir)
-    with atomic_path(out) as tmp:
-        (tmp / "cases").mkdir(parents=True)
+    with owned_output_dir(out, "preprocess", inputs=inputs, force=force, what="--out") as tmp:
+        (tmp / "cases").mkdir()
         jobs = {case: (paths, label, plan, tmp / "cases") for case, (paths, label) in cases.items()}
         shapes = _run_parallel(_preprocess_and_write, jobs, pool, "preprocess", progress)
         plan["preprocessed_shapes_zyx"] = {case: r[1] for case, r in shapes.items()}
@@ -496,7 +506,7 @@ def _run(args: argparse.Namespace) -> int:
     preprocess_dataset(raw, out, target_spacing=target, workers=pick("workers"), folds=pick("folds"),
                        seed=pick("seed"), test_fraction=pick("test_fraction"),
                        image_interp=pick("image_interp"), label_interp=pick("label_interp"),
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, force=args.force)
     return 0
 
 
@@ -509,7 +519,10 @@ def register_cli(subparsers) -> None:
         "channels: per-case z-score) and resample. Writes OUT/plan.json, OUT/splits.json and "
         "OUT/cases/{case}.npz|.json; OUT is replaced only if every case succeeds.")
     p.add_argument("--raw", metavar="DIR", help="nnU-Net v2 raw dataset (dataset.json, imagesTr/, labelsTr/)")
-    p.add_argument("--out", metavar="DIR", help="output directory (replaced as a whole)")
+    p.add_argument("--out", metavar="DIR", help="output directory, replaced as a whole when it is new, "
+                   "empty or this step's earlier output (never inside or around --raw)")
+    p.add_argument("--force", action="store_true",
+                   help="replace --out even when it holds files this step did not write")
     spacing = p.add_mutually_exclusive_group()
     spacing.add_argument("--target-spacing", nargs=3, type=float, metavar=("X", "Y", "Z"),
                          help="target voxel spacing in mm, x y z order")

@@ -185,6 +185,6 @@ def compile_pipeline(
                           mlflow_secret=mlflow_secret, mlflow_secret_keys=mlflow_secret_keys,
                           trainjob=trainjob)
     out = Path(out)
-    with atomic_path(out) as tmp:
+    with atomic_path(out, kind="file") as tmp:  # a folder there is refused, not replaced
         compiler.Compiler().compile(func, package_path=str(tmp))  # tmp keeps the .yaml suffix
     return out

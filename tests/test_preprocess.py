@@ -342,7 +342,7 @@ def test_outputs_loadable_and_byte_identical_on_rerun(tmp_path):
     preprocess_dataset(raw, tmp_path / "a", target_spacing=(2.0, 2.0, 2.0), workers=1, folds=2, progress=False)
     preprocess_dataset(raw, tmp_path / "b", target_spacing=(2.0, 2.0, 2.0), workers=2, folds=2, progress=False)
     a, b = _snapshot(tmp_path / "a"), _snapshot(tmp_path / "b")
-    assert sorted(a) == ["cases/case_000.json", "cases/case_000.npz", "cases/case_001.json",
+    assert sorted(a) == [".masksam-output.json", "cases/case_000.json", "cases/case_000.npz", "cases/case_001.json",
                          "cases/case_001.npz", "cases/case_002.json", "cases/case_002.npz",
                          "plan.json", "splits.json"]
     assert a == b

@@ -35,7 +35,7 @@ def _run_phantom(args: argparse.Namespace) -> int:
     generate_phantom(
         out, cases=int(pick_option(args.cases, p, "cases", 24)), seed=int(pick_option(args.seed, p, "seed", 0)),
         size_xyz=[int(v) for v in pick_option(args.size, p, "size", [160, 160, 40])],
-        workers=int(args.workers), progress=not args.no_progress,
+        workers=int(args.workers), progress=not args.no_progress, force=bool(args.force),
     )
     print(f"phantom dataset written to {out}")
     return 0
@@ -53,7 +53,8 @@ def _run_import(args: argparse.Namespace) -> int:
     if fmt not in IMPORT_FORMATS:
         raise UserError(f"unknown --format {fmt!r}; choose one of {', '.join(IMPORT_FORMATS)}")
     modality = args.modality if args.modality is not None else (p.get("modality") if fmt == "amos" else None)
-    report = import_dataset(fmt, src, dst, modality=modality, subset=args.subset, progress=not args.no_progress)
+    report = import_dataset(fmt, src, dst, modality=modality, subset=args.subset, progress=not args.no_progress,
+                            force=bool(args.force))
     print(report)
     return 0
 
@@ -64,23 +65,27 @@ def _run_fetch(args: argparse.Namespace) -> int:
     source = p.get("source", "phantom")
     if source == "phantom":
         return _run_phantom(argparse.Namespace(out=None, cases=None, seed=None, size=None, workers=args.workers,
-                                               params=args.params, no_progress=args.no_progress))
+                                               params=args.params, no_progress=args.no_progress,
+                                               force=args.force))
     if source in IMPORT_FORMATS:
         return _run_import(argparse.Namespace(format=None, src=None, dst=None, modality=None, subset=p.get("subset"),
-                                              params=args.params, no_progress=args.no_progress))
+                                              params=args.params, no_progress=args.no_progress,
+                                              force=args.force))
     raise UserError(f"{args.params}: data.source is {source!r}; use 'phantom' or one of {', '.join(IMPORT_FORMATS)}")
 
 
 def _run_validate(args: argparse.Namespace) -> int:
-    from masksam.components._io import atomic_path
+    from masksam.components._io import atomic_path, check_output_file
     from masksam.components.data.validate import validate_dataset
 
+    if args.report is not None:  # a wrong --report fails before the (long) validation
+        check_output_file(args.report, inputs=(args.dir,), what="--report")
     report = validate_dataset(args.dir, strict=args.strict, read_pixels=not args.headers_only,
                               progress=not args.no_progress)
     text = report.format(max_cases=args.max_cases)
     print(text, file=sys.stdout if report.ok else sys.stderr)
     if args.report is not None and report.ok:
-        with atomic_path(args.report) as tmp:
+        with atomic_path(args.report, kind="file") as tmp:
             tmp.write_text(text + "\n")
     return 0 if report.ok else 1
 
@@ -109,16 +114,22 @@ def register_cli(subparsers) -> None:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
 
+    def force(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--force", action="store_true",
+                       help="replace the output folder even when it holds files masksam did not write")
+
     ph = sub.add_parser("phantom", help="write a generated abdominal CT dataset",
                         description="Write a generated abdominal CT-like dataset (HU images, 7 organ labels) "
                         "in the nnU-Net raw layout, plus manifest.json. Same seed, same arrays.")
-    ph.add_argument("--out", help="output dataset folder (replaced whole if it is a dataset)")
+    ph.add_argument("--out", help="output dataset folder (replaced whole if it is empty or an earlier "
+                    "`masksam data` output)")
     ph.add_argument("--cases", type=int, help="number of cases (default 24)")
     ph.add_argument("--seed", type=int, help="random seed; case i uses default_rng([seed, i]) (default 0)")
     ph.add_argument("--size", type=int, nargs=3, metavar=("X", "Y", "Z"),
                     help="voxels per case (default 160 160 40: an infant-sized abdomen; 512 512 120: adult CT)")
     ph.add_argument("--workers", type=int, default=1, help="parallel processes, one case each (default 1)")
     ph.add_argument("--params", help="read defaults from this params.yaml's data: section")
+    force(ph)
     common(ph)
     ph.set_defaults(func=_run_phantom)
 
@@ -128,12 +139,14 @@ def register_cli(subparsers) -> None:
                         "validated and gets a manifest.json.")
     im.add_argument("--format", choices=IMPORT_FORMATS, help="layout of SRC")
     im.add_argument("src", nargs="?", metavar="SRC", help="folder of the public dataset as downloaded")
-    im.add_argument("dst", nargs="?", metavar="DST", help="output dataset folder (new, empty or a dataset)")
+    im.add_argument("dst", nargs="?", metavar="DST", help="output dataset folder (new, empty or an earlier "
+                    "`masksam data` output)")
     im.add_argument("--modality", choices=("ct", "mr", "all"),
                     help="amos only: CT cases (ids < 500, default), MR cases (>= 500) or all")
     im.add_argument("--subset", type=int, choices=(8,),
                     help="synapse only: keep the TransUNet 8 organs, relabelled 1..8")
     im.add_argument("--params", help="read defaults from this params.yaml's data: section")
+    force(im)
     common(im)
     im.set_defaults(func=_run_import)
 
@@ -158,6 +171,7 @@ def register_cli(subparsers) -> None:
                         "--params.")
     fe.add_argument("--params", default="params.yaml", help="params.yaml to read (default: %(default)s)")
     fe.add_argument("--workers", type=int, default=1, help="parallel processes for the phantom (default 1)")
+    force(fe)
     common(fe)
     fe.set_defaults(func=_run_fetch)
 

@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
-from masksam.components._io import atomic_path, image_suffix, read_json, write_json
+from masksam.components._io import check_output_dir, image_suffix, owned_output_dir, read_json, write_json
 from masksam.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -377,22 +377,15 @@ def _write_label(src: Path, ref_image: Path, relabel: dict[int, int] | None, out
     sitk.WriteImage(out_img, str(out), useCompression=True)
 
 
-def _check_dst(src: Path, dst: Path) -> None:
-    src_r, dst_r = src.resolve(), dst.resolve()
-    if dst_r == src_r or src_r in dst_r.parents or dst_r in src_r.parents:
-        raise UserError(f"DST {dst} overlaps SRC {src}; choose an output folder outside the source")
-    if dst.exists() and (not dst.is_dir() or (any(dst.iterdir()) and not (dst / "dataset.json").exists())):
-        raise UserError(f"{dst} exists and is not a dataset folder (no dataset.json); refusing to replace it. "
-                        "Choose a new or empty output folder.")
-
-
 def import_dataset(
     fmt: str, src: str | os.PathLike, dst: str | os.PathLike, modality: str | None = None,
-    subset: int | None = None, progress: bool = True,
+    subset: int | None = None, progress: bool = True, force: bool = False,
 ) -> str:
     """Convert the dataset at ``src`` (layout ``fmt``) into an nnU-Net raw dataset at ``dst``.
 
-    Returns a one-paragraph summary. The result is validated before it replaces ``dst``.
+    Returns a one-paragraph summary. The result is validated before it replaces ``dst``, which
+    must be new, empty or a dataset an earlier `masksam data` run wrote (``force``: any folder
+    outside ``src``).
     """
     from masksam.components.data.manifest import write_manifest
     from masksam.components.data.validate import validate_dataset
@@ -404,7 +397,7 @@ def import_dataset(
         raise UserError(f"--modality applies to --format amos only (got --format {fmt})")
     if subset is not None and fmt != "synapse":
         raise UserError(f"--subset applies to --format synapse only (got --format {fmt})")
-    _check_dst(src, dst)
+    check_output_dir(dst, "data", inputs=(src,), force=force, what="DST")
     if fmt == "nnunet":
         plan = plan_nnunet(src)
     elif fmt == "msd":
@@ -425,9 +418,9 @@ def import_dataset(
 
     n_ch = len(plan.channel_names)
     train = [c for c in plan.cases if not c.test]
-    with atomic_path(dst) as tmp:
+    with owned_output_dir(dst, "data", inputs=(src,), force=force, what="DST") as tmp:
         for sub in ("imagesTr", "labelsTr"):
-            (tmp / sub).mkdir(parents=True)
+            (tmp / sub).mkdir()
         if any(c.test for c in plan.cases):
             (tmp / "imagesTs").mkdir()
         for spec in tqdm(plan.cases, desc=f"import {fmt}", unit="case", disable=not progress):

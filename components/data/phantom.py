@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -29,7 +28,8 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
-from masksam.components._io import atomic_path, write_json
+from masksam.components._io import owned_output_dir, write_json
+from masksam.components._workers import kill_workers, spawn_pool, stop_on_signals
 from masksam.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -613,13 +613,13 @@ def _write_case(args: tuple) -> dict:
 
 def generate_phantom(
     out: str | os.PathLike, cases: int = 24, seed: int = 0, size_xyz: Sequence[int] = (160, 160, 40),
-    workers: int = 1, progress: bool = True,
+    workers: int = 1, progress: bool = True, force: bool = False,
 ) -> Path:
     """Write a phantom CT dataset (nnU-Net raw layout, with manifest.json) to ``out``.
 
     The directory is built beside ``out`` and renamed into place, so ``out`` is either the
-    complete new dataset or untouched. An existing ``out`` is replaced only if it is a dataset
-    (holds dataset.json) or empty.
+    complete new dataset or untouched. An existing ``out`` is replaced only if it is empty or a
+    dataset an earlier `masksam data` run wrote (``force``: any folder).
     """
     from masksam.components.data.manifest import write_manifest
 
@@ -629,20 +629,21 @@ def generate_phantom(
     size_xyz = tuple(int(s) for s in size_xyz)
     if len(size_xyz) != 3 or min(size_xyz[:2]) < 16 or size_xyz[2] < 4:
         raise UserError(f"--size must be three voxel counts X Y Z, at least 16 16 4; got {size_xyz}")
-    _check_replaceable(out)
-    with atomic_path(out) as tmp:
-        (tmp / "imagesTr").mkdir(parents=True)
+    with stop_on_signals("data phantom"), owned_output_dir(out, "data", force=force, what="--out") as tmp:
+        (tmp / "imagesTr").mkdir()
         (tmp / "labelsTr").mkdir()
         jobs = [(str(tmp), seed, i, size_xyz) for i in range(cases)]
         bar = tqdm(total=cases, desc="phantom", unit="case", disable=not progress)
         if workers > 1:
-            import multiprocessing as mp
-
-            with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+            with spawn_pool(workers) as pool:
                 info = []
-                for r in pool.map(_write_case, jobs):
-                    info.append(r)
-                    bar.update()
+                try:
+                    for r in pool.map(_write_case, jobs):
+                        info.append(r)
+                        bar.update()
+                except BaseException:
+                    kill_workers(pool)  # before the temporary folder they write into is removed
+                    raise
         else:
             info = []
             for job in jobs:
@@ -667,10 +668,3 @@ def generate_phantom(
     log.info("phantom: %d cases written to %s", cases, out)
     return out
 
-
-def _check_replaceable(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "dataset.json").exists())):
-        raise UserError(
-            f"{out} exists and is not a dataset folder (no dataset.json); refusing to replace it. "
-            "Choose a new or empty output folder."
-        )

@@ -9,12 +9,9 @@ for the value checks, one file at a time.
 
 from __future__ import annotations
 
-import gzip
 import logging
 import os
 import re
-import struct
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from masksam.components._io import read_json
+from masksam.components._scan import header_problems, is_nifti, nonfinite_problem, scan_nifti
 from masksam.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -224,82 +222,25 @@ def _check_header(path: Path, report: ValidationReport) -> dict | None:
     except RuntimeError as exc:
         report.error(path, f"cannot be read as an image ({_short(exc)})")
         return None
-    if header["dim"] != 3:
-        report.error(path, f"expected a 3D image, got {header['dim']}D (size {header['size']})")
-        return None
-    if header["components"] != 1:
-        report.error(path, f"expected one value per voxel, got {header['components']} (vector image)")
+    problems = header_problems(header["dim"], header["size"], header["components"], header["spacing"])
+    nifti = scan_nifti(path, stream=False)
+    problems += nifti.problems(values=False) if nifti is not None else []
+    for problem in problems:
+        report.error(path, problem)
+    if header["dim"] != 3 or header["components"] != 1:
         return None
     return header
-
-
-def scan_nifti(path: Path) -> tuple[str | None, int]:
-    """(why the NIfTI file is truncated or corrupt or None, number of NaN/inf voxels).
-
-    Two things SimpleITK hides are checked on the raw stream (decompressed in chunks): a
-    truncated .nii.gz reads without error with the missing voxels filled in, and NaN/inf in a
-    float NIfTI read back as 0 (other tools, e.g. nibabel, would see them).
-    """
-    name = path.name.lower()
-    if not (name.endswith(".nii.gz") or name.endswith(".nii")):
-        return None, 0
-    opener = gzip.open if name.endswith(".gz") else open
-    head, total, bad = b"", 0, 0
-    dtype, offset, rest = None, 0, b""
-    try:
-        with opener(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                start_total = total
-                total += len(chunk)
-                if len(head) < 352:
-                    head += chunk[: 352 - len(head)]
-                    if len(head) >= 348 and dtype is None:
-                        dtype, offset = _nifti_float_dtype(head)
-                if dtype is None:
-                    continue
-                data = chunk[max(0, offset - start_total):] if total > offset else b""
-                data = rest + data
-                usable = len(data) - len(data) % dtype.itemsize
-                if usable:
-                    bad += int(np.count_nonzero(~np.isfinite(np.frombuffer(data[:usable], dtype))))
-                rest = data[usable:]
-    except (EOFError, OSError, zlib.error) as exc:
-        return f"file is truncated or corrupt ({exc})", bad
-    if len(head) < 348:
-        return "file is truncated (shorter than a NIfTI header)", bad
-    for endian in ("<", ">"):
-        if struct.unpack(endian + "i", head[:4])[0] == 348:
-            dims = struct.unpack(endian + "8h", head[40:56])
-            bitpix = struct.unpack(endian + "h", head[72:74])[0]
-            vox_offset = struct.unpack(endian + "f", head[108:112])[0]
-            ndim = max(0, min(int(dims[0]), 7))
-            nvox = int(np.prod([max(int(d), 1) for d in dims[1: 1 + ndim]]))
-            need = int(vox_offset) + nvox * max(int(bitpix), 8) // 8
-            if total < need:
-                return f"file is truncated: {total} bytes of data, the header needs {need}", bad
-    return None, bad
-
-
-def _nifti_float_dtype(head: bytes) -> tuple[np.dtype | None, int]:
-    """numpy dtype of a float NIfTI-1 file's voxels (None if not float) and the data offset."""
-    for endian in ("<", ">"):
-        if struct.unpack(endian + "i", head[:4])[0] == 348:
-            code = struct.unpack(endian + "h", head[70:72])[0]
-            offset = int(struct.unpack(endian + "f", head[108:112])[0])
-            kind = {16: "f4", 64: "f8"}.get(code)
-            return (np.dtype(endian + kind) if kind else None), offset
-    return None, 0
 
 
 def _read_pixels(path: Path, report: ValidationReport) -> np.ndarray | None:
     import SimpleITK as sitk
 
-    problem, nonfinite = scan_nifti(path)
-    if problem is not None:
-        report.error(path, problem)
+    nifti = scan_nifti(path)
+    if nifti is not None and nifti.corrupt:
+        report.error(path, nifti.corrupt)
         return None
-    if nonfinite:
-        report.error(path, f"{nonfinite} voxel(s) are NaN or inf")
+    for problem in nifti.problems(header=False) if nifti is not None else []:
+        report.error(path, problem)
     try:
         return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
     except RuntimeError as exc:
@@ -385,10 +326,9 @@ def validate_dataset(
                     report.error(channels[c], f"geometry differs from the {other}: {what}")
             if read_pixels:
                 arr = _read_pixels(channels[c], report)
-                if arr is not None and arr.dtype.kind == "f" and not channels[c].name.lower().endswith((".nii", ".nii.gz")):
-                    bad = int(np.count_nonzero(~np.isfinite(arr)))
-                    if bad:
-                        report.error(channels[c], f"{bad} voxel(s) are NaN or inf")
+                problem = nonfinite_problem(arr) if arr is not None and not is_nifti(channels[c]) else None
+                if problem:
+                    report.error(channels[c], problem)
         if label_header is None:
             continue
         classes: list[int] = []
