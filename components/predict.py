@@ -4,16 +4,20 @@ Each scan goes preprocess_case -> sliding-window inference over slabs -> restore
 (class probabilities resampled back to the original spacing, then argmax, as nnU-Net does),
 so the label map has the input's exact size, spacing, origin and direction. Beside each label
 map a JSON summary gives, per structure, its volume in mL and its mean confidence. A scan that
-cannot be read is reported by name and the others are still processed; the exit status is
-non-zero when any failed.
+cannot be read, or fails the input checks every reader shares (truncated, NaN/inf voxels, NIfTI
+pixdim 0, unusable spacing, not 3D), or whose case name several files claim, is reported by name
+and the others are still processed; the exit status is non-zero when any failed. Predict never
+writes over an input file: such an output folder is refused before anything is written.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
+import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -65,7 +69,7 @@ def find_scans(src: str | os.PathLike, n_channels: int) -> tuple[list[Scan], lis
         ignored = [p for p in entries if not image_suffix(p)]
         if not candidates:
             raise UserError(f"-i {src}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
-    groups: dict[str, dict[int, Path]] = {}
+    groups: dict[str, dict[int, dict[Path, None]]] = {}  # case -> channel -> files (ordered set)
     suffixes: dict[str, str] = {}
     for path in candidates:
         suffix = image_suffix(path) or "".join(path.suffixes) or ".nii.gz"
@@ -74,13 +78,21 @@ def find_scans(src: str | os.PathLike, n_channels: int) -> tuple[list[Scan], lis
         case, channel = (m["case"], int(m["channel"])) if m else (stem, 0)
         if src.is_file() and m and n_channels > 1:  # one channel file named: pick up its siblings
             for sib in sorted(path.parent.glob(f"{case}_[0-9][0-9][0-9][0-9]{suffix}")):
-                groups.setdefault(case, {})[int(sib.name[len(case) + 1:len(case) + 5])] = sib
-        groups.setdefault(case, {})[channel] = path
+                sib_channel = int(sib.name[len(case) + 1:len(case) + 5])
+                groups.setdefault(case, {}).setdefault(sib_channel, {})[sib] = None
+        groups.setdefault(case, {}).setdefault(channel, {})[path] = None
         suffixes[case] = suffix
     scans = []
     for case, chans in sorted(groups.items()):
-        scan = Scan(case, [chans[c] for c in sorted(chans)], suffixes[case])
-        if sorted(chans) != list(range(n_channels)):
+        scan = Scan(case, [next(iter(chans[c])) for c in sorted(chans)], suffixes[case])
+        clashes = sorted(p.name for files in chans.values() if len(files) > 1 for p in files)
+        if clashes:
+            scan.files = sorted(p for files in chans.values() for p in files)
+            scan.problems.append(
+                f"case '{case}' is given by several files ({', '.join(clashes)}) and predict writes "
+                f"one output per case; keep one file per case (per channel: {case}_0000, "
+                f"{case}_0001, ...) in the input folder and move the others out")
+        elif sorted(chans) != list(range(n_channels)):
             scan.problems.append(
                 f"case '{case}' has channel files {sorted(chans)} ({', '.join(p.name for p in scan.files)}); "
                 f"the model expects channels 0..{n_channels - 1} named {case}_0000{scan.suffix}, ...")
@@ -126,17 +138,60 @@ def _match_header(restored, original, path: Path) -> None:
     restored.CopyInformation(original)
 
 
+def _targets(scan: Scan, out: Path, out_format: str | None) -> tuple[Path, Path]:
+    """The label map and the JSON summary predict writes for ``scan``."""
+    suffix = FORMATS[out_format] if out_format else scan.suffix
+    return out / f"{scan.case}{suffix}", out / f"{scan.case}.json"
+
+
+def _output_folder(out: str | os.PathLike) -> Path:
+    """Create the output folder and make sure files can be written into it (a UserError, before
+    any scan is read, instead of a traceback or one failure per scan)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"-o {out}: exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out, prefix=".masksam-write-test-"):
+            pass
+    except OSError as exc:
+        raise UserError(f"-o {out}: cannot write into this folder ({exc.strerror or exc}); choose a "
+                        "writable output folder") from exc
+    return out
+
+
+def _refuse_overwriting_inputs(scans: list[Scan], ignored: list[Path], out: Path,
+                               out_format: str | None) -> None:
+    """Predict never writes over a file it was given: an output (label map or JSON summary)
+    that is an input file (``-o`` equal to the input folder, links included) is refused up
+    front, before anything is written."""
+    inputs: dict[tuple[int, int], Path] = {}
+    for path in [p for scan in scans for p in scan.files] + list(ignored):
+        with contextlib.suppress(OSError):
+            st = path.stat()
+            inputs[(st.st_dev, st.st_ino)] = path
+    clashes = []
+    for scan in scans:
+        for target in _targets(scan, out, out_format):
+            with contextlib.suppress(OSError):
+                st = target.stat()
+                same = inputs.get((st.st_dev, st.st_ino))
+                if same is not None:
+                    clashes.append(f"{target.name} (case '{scan.case}') is the input {same}")
+    if clashes:
+        shown = "; ".join(clashes[:3]) + (f"; and {len(clashes) - 3} more" if len(clashes) > 3 else "")
+        raise UserError(f"-o {out}: predict would write over its inputs: {shown}. Nothing was written; "
+                        "choose an output folder that holds no input scan")
+
+
 def _prepare(scan: Scan, plan: dict):
     """Read and preprocess one scan (runs in a worker thread)."""
     from masksam.components.preprocess import preprocess_case
 
     if scan.problems:
         raise UserError("; ".join(scan.problems))
+    # the input checks every reader shares: truncation, NaN/inf, spacing, 3D, one value per voxel
     images = [read_image(p, expect_dim=3) for p in scan.files]
-    for p, img in zip(scan.files, images):
-        if img.GetNumberOfComponentsPerPixel() != 1:
-            raise UserError(f"{p}: has {img.GetNumberOfComponentsPerPixel()} components per voxel "
-                            "(a vector/RGB image); give one scalar image per channel (_0000, _0001, ...)")
     try:
         image, _, properties = preprocess_case(images, None, plan)
     except UserError:
@@ -180,15 +235,15 @@ def predict(src: str | os.PathLike, out: str | os.PathLike, model: str | os.Path
         raise UserError(f"--workers must be at least 1, got {workers}")
     if out_format is not None and out_format not in FORMATS:
         raise UserError(f"--format {out_format!r}: choose one of {', '.join(FORMATS)}")
+    if not Path(src).exists():
+        raise UserError(f"-i {src}: no such file or folder")
+    out = _output_folder(out)  # before the model loads: an unusable -o fails in seconds
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, threads=threads)
     n_channels = len(loaded.plan.get("channel_names", {"0": "CT"}))
     scans, ignored = find_scans(src, n_channels)
     for path in ignored:
         log.warning("%s: not an image (%s); ignored", path, ", ".join(IMAGE_SUFFIXES))
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"-o {out}: exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    _refuse_overwriting_inputs(scans, ignored, out, out_format)
     names = loaded.labels
     outcomes: list[Outcome] = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -215,8 +270,7 @@ def predict(src: str | os.PathLike, out: str | os.PathLike, model: str | os.Path
                 # class probabilities go back to the original spacing, then argmax (nnU-Net's way)
                 restored = restore_to_original(probs, properties)
                 _match_header(restored, first, scan.files[0])
-                suffix = FORMATS[out_format] if out_format else scan.suffix
-                target = out / f"{scan.case}{suffix}"
+                target = _targets(scan, out, out_format)[0]
                 write_image(restored, target)
                 summary = {
                     "case": scan.case,
@@ -255,8 +309,9 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                    "channels per case use nnU-Net naming CASE_0000.nii.gz, CASE_0001.nii.gz, ...")
     p.add_argument("-o", "--output", required=True, help="output folder (created)")
     p.add_argument("--model", required=True, help="checkpoint directory (masksam train), model.onnx "
-                   "(masksam export; its .json sidecar beside it) or MLflow URI "
-                   "(models:/masksam@champion, runs:/<id>/model)")
+                   "(masksam export; its .json sidecar beside it) or a registered model "
+                   "(models:/masksam@champion, models:/masksam/3), verified file by file against the "
+                   "registry's record before it runs")
     p.add_argument("--device", choices=DEVICES, default="auto", help="auto: best available; cpu; cuda; "
                    "tensorrt (ONNX models: ONNX Runtime's TensorRT provider). A requested provider "
                    "that is missing is an error, never a silent CPU fallback")
