@@ -3,19 +3,31 @@
 Every way of loading yields the same :class:`LoadedModel`: the preprocessing plan, the model
 config and a ``predict_slab`` callable (``[B, C, T, H, W]`` float32 -> ``[B, K, T, H, W]``) that
 ``sliding_window_inference`` drives. Only files the project writes are loaded (safetensors
-weights, ONNX graphs, JSON), never a pickle, and a file whose sha256 differs from the one recorded
-beside it (ONNX sidecar, ``train_summary.json``, registry tags) is refused before it is parsed.
+weights, ONNX graphs, JSON), never a pickle, and every file is checked before it is parsed:
+
+- a training folder needs the completed ``train_summary.json`` of ``masksam train``; every sha256
+  it records (weights, plan, ...) must match;
+- an export folder's ``export_manifest.json`` fixes the sidecar's sha256, the sidecar fixes the
+  ONNX files' (so neither the graph nor the plan's labels change unnoticed);
+- a ``models:/`` URI is downloaded beside its destination and checked against the registry's
+  ``manifest_sha256`` tag -> ``masksam_manifest.json`` -> every file of the MLflow model, none
+  missing or added, before it is moved into place.
+
+File names read from these records stay inside their folder (no absolute paths, ``..`` or links).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
+import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -26,6 +38,8 @@ log = logging.getLogger(__name__)
 
 ONNX_NAME = "model.onnx"
 SIDECAR_SUFFIX = ".json"  # model.onnx -> model.onnx.json
+EXPORT_MANIFEST = "export_manifest.json"  # sha256 of every file masksam export wrote
+MODEL_MANIFEST = "masksam_manifest.json"  # sha256 of every file of a registered MLflow model
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
 
 # What each --device asks ONNX Runtime for, best first. CPU stays last as the fallback for nodes
@@ -63,25 +77,134 @@ class LoadedModel:
 # ----------------------------------------------------------------------------- hashes
 
 
+def confined(directory: str | os.PathLike, name: str, what: str) -> Path:
+    """``directory / name`` for a relative ``name`` that stays inside ``directory``.
+
+    Names come from files an attacker or a corruption can change (sidecars, summaries,
+    manifests): absolute paths, ``..`` parts and symlinks resolving outside are refused by name.
+    """
+    directory = Path(directory)
+    rel = Path(str(name))
+    if not str(name) or rel.is_absolute() or "\\" in str(name) or ".." in rel.parts:
+        raise UserError(f"{what}: file entry {name!r} is not a plain relative path inside "
+                        f"{directory}; refusing the model (re-export or re-download it)")
+    path = directory / rel
+    root = directory.resolve()
+    if path.is_symlink() or not path.resolve().is_relative_to(root):
+        raise UserError(f"{what}: file entry {name!r} is a link or leads outside {directory}; refusing "
+                        "the model (re-export or re-download it)")
+    return path
+
+
 def verify_files(directory: str | os.PathLike, expected: dict[str, str], what: str) -> dict[str, str]:
     """Check each ``name -> sha256`` in ``expected`` under ``directory``; raise on any mismatch.
 
-    Returns the verified mapping. A missing file is an error as well: a model that lost its
-    external-data file would otherwise fail later with a less helpful message.
+    Returns the verified mapping. Names must stay inside ``directory`` (:func:`confined`). A
+    missing file is an error as well: a model that lost its external-data file would otherwise
+    fail later with a less helpful message.
     """
     directory = Path(directory)
+    if not isinstance(expected, dict):
+        raise UserError(f"{what}: its file list is not a {{name: sha256}} mapping; re-export the model")
     for name, want in expected.items():
-        path = directory / name
+        path = confined(directory, name, what)
         if not path.is_file():
             raise UserError(f"{path}: listed in {what} but missing; re-export or re-download the model")
         got = sha256_file(path)
         if got != want:
             raise HashMismatch(
-                f"{path}: sha256 {got[:16]}... does not match {want[:16]}... recorded in {what}; "
+                f"{path}: sha256 {got[:16]}... does not match {str(want)[:16]}... recorded in {what}; "
                 "the file was modified or corrupted after it was written. Refusing to load it: "
                 "re-export (masksam export) or re-download (masksam pull) the model"
             )
     return dict(expected)
+
+
+def folder_hashes(folder: str | os.PathLike, exclude: tuple[str, ...] = ()) -> dict[str, str]:
+    """``{relative posix path: sha256}`` of every file under ``folder`` (links refused)."""
+    folder = Path(folder)
+    hashes: dict[str, str] = {}
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        if path.is_symlink():
+            raise UserError(f"{path}: a symbolic link inside a model folder; refusing it")
+        if path.is_file() and rel not in exclude:
+            hashes[rel] = sha256_file(path)
+    return hashes
+
+
+def write_manifest(folder: str | os.PathLike, name: str = EXPORT_MANIFEST,
+                   exclude: tuple[str, ...] = ()) -> dict[str, str]:
+    """Write ``folder/name`` recording the sha256 of every other file of ``folder`` (but
+    ``exclude``); return the ``{relative path: sha256}`` written."""
+    from masksam.components._io import write_json
+
+    files = folder_hashes(folder, exclude=(name, *exclude))
+    write_json(Path(folder) / name, {"format_version": 1, "algorithm": "sha256", "files": files})
+    return files
+
+
+def read_manifest(path: str | os.PathLike, expected_sha256: str | None = None) -> dict[str, str]:
+    """The ``{name: sha256}`` of a manifest written by :func:`write_manifest`; with
+    ``expected_sha256`` (a registry tag) the manifest file itself is checked first."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: manifest not found; the model was not written by this version of "
+                        "masksam export/register: re-export or re-register it")
+    if expected_sha256 is not None:
+        got = sha256_file(path)
+        if got != expected_sha256:
+            raise HashMismatch(f"{path}: sha256 {got[:16]}... differs from {expected_sha256[:16]}... "
+                               "recorded in the registry; the model was altered in the artifact "
+                               "store after registration. Refusing it")
+    data = read_json(path, "manifest")
+    files = data.get("files") if isinstance(data, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise UserError(f"{path}: not a masksam manifest (no files: {{name: sha256}})")
+    return files
+
+
+def verify_folder(folder: str | os.PathLike, manifest: str | os.PathLike, files: dict[str, str],
+                  exact: bool, allowed_extra: tuple[str, ...] = ()) -> dict[str, str]:
+    """Check ``folder`` against a manifest's ``files``; with ``exact`` also refuse any file the
+    manifest does not list (an added module would run as well as a changed one)."""
+    verified = verify_files(folder, files, str(manifest))
+    if exact:
+        present = set(folder_hashes(folder, exclude=(Path(manifest).name, *allowed_extra)))
+        extra = sorted(present - set(files))
+        if extra:
+            raise HashMismatch(f"{folder}: holds files {extra[:5]} that {manifest} does not list; "
+                               "the model was altered after it was written. Refusing it")
+    return verified
+
+
+def verify_export(onnx_path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, str]]:
+    """Verify an exported model before anything of it is parsed; return (sidecar, verified).
+
+    The folder's manifest (written by ``masksam export``, shipped beside the ONNX file by
+    ``masksam register``) fixes the sidecar's sha256; the sidecar fixes the ONNX files'. So
+    neither the graph nor the plan (labels, spacing, normalisation) can change unnoticed.
+    """
+    onnx_path = Path(onnx_path)
+    folder, side = onnx_path.parent, sidecar_path(onnx_path)
+    if not side.is_file():
+        raise _no_sidecar(onnx_path)
+    manifest_path = folder / EXPORT_MANIFEST
+    manifest = read_manifest(manifest_path)
+    for name in (side.name, onnx_path.name):
+        if name not in manifest:
+            raise UserError(f"{manifest_path}: records no sha256 for {name}; re-export the model")
+    verified = verify_files(folder, {side.name: manifest[side.name]}, str(manifest_path))
+    meta = read_sidecar(onnx_path)
+    files = meta["files"]
+    if not isinstance(files, dict) or onnx_path.name not in files:
+        raise UserError(f"{side}: records no sha256 for {onnx_path.name}")
+    for name, digest in files.items():
+        if manifest.get(name) != digest:
+            raise HashMismatch(f"{side}: its sha256 for {name} differs from {manifest_path}'s; "
+                               "refusing the model: re-export it")
+    verified.update(verify_files(folder, files, str(side)))
+    return meta, verified
 
 
 # ----------------------------------------------------------------------------- providers
@@ -145,20 +268,33 @@ def provider_options(provider: str, cache_dir: str | os.PathLike | None) -> dict
 # ----------------------------------------------------------------------------- ONNX
 
 
+def verify_model_root(onnx_path: Path) -> dict[str, str]:
+    """Inside an MLflow model folder (``ROOT/artifacts/model.onnx``) holding the manifest that
+    ``masksam register`` recorded, check every file it lists (shipped code, MLmodel, ...)."""
+    root = onnx_path.parent.parent
+    manifest = root / MODEL_MANIFEST
+    if onnx_path.parent.name != "artifacts" or not manifest.is_file():
+        return {}
+    return verify_folder(root, manifest, read_manifest(manifest), exact=False)
+
+
 def sidecar_path(onnx_path: str | os.PathLike) -> Path:
     """``model.onnx`` -> ``model.onnx.json``."""
     onnx_path = Path(onnx_path)
     return onnx_path.with_name(onnx_path.name + SIDECAR_SUFFIX)
 
 
+def _no_sidecar(onnx_path: Path) -> UserError:
+    return UserError(f"{onnx_path}: no sidecar {sidecar_path(onnx_path).name} beside it (it holds the "
+                     "plan, the model config and the sha256); export with `masksam export`, which "
+                     "writes both")
+
+
 def read_sidecar(onnx_path: str | os.PathLike) -> dict[str, Any]:
     """Read and sanity-check the sidecar JSON written by ``masksam export``."""
     side = sidecar_path(onnx_path)
     if not side.is_file():
-        raise UserError(
-            f"{onnx_path}: no sidecar {side.name} beside it (it holds the plan, the model config and "
-            "the sha256); export with `masksam export`, which writes both"
-        )
+        raise _no_sidecar(onnx_path)
     meta = read_json(side, "ONNX sidecar")
     missing = {"plan", "config", "files"} - set(meta)
     if missing:
@@ -205,23 +341,22 @@ class OrtSlabPredictor:
 
 def load_onnx(onnx_path: str | os.PathLike, device: str = "auto", threads: int | None = None,
               expected_sha256: str | None = None) -> LoadedModel:
-    """Load an exported ONNX model after checking its files against the sidecar's sha256."""
+    """Load an exported ONNX model once its sidecar and files match the export's manifest
+    (:func:`verify_export`) and, inside a pulled MLflow model, the model's manifest too."""
     import onnxruntime as ort
 
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise UserError(f"{onnx_path}: ONNX model not found")
-    meta = read_sidecar(onnx_path)
-    files = dict(meta["files"])
-    if onnx_path.name not in files:
-        raise UserError(f"{sidecar_path(onnx_path)}: records no sha256 for {onnx_path.name}")
-    if expected_sha256 is not None and files[onnx_path.name] != expected_sha256:
+    verified = verify_model_root(onnx_path)
+    meta, exported = verify_export(onnx_path)
+    verified.update(exported)
+    if expected_sha256 is not None and meta["files"][onnx_path.name] != expected_sha256:
         raise HashMismatch(
-            f"{sidecar_path(onnx_path)}: records sha256 {files[onnx_path.name][:16]}... for "
+            f"{sidecar_path(onnx_path)}: records sha256 {meta['files'][onnx_path.name][:16]}... for "
             f"{onnx_path.name} but the registry tag says {expected_sha256[:16]}...; the model "
             "artifacts were altered after registration. Refusing to load them"
         )
-    verified = verify_files(onnx_path.parent, files, str(sidecar_path(onnx_path)))
     providers = select_providers(device)
     cache = onnx_path.parent / "trt_cache"
     options = [provider_options(p, cache) for p in providers]
@@ -253,18 +388,51 @@ def _torch_device(device: str) -> str:
     return device
 
 
+TRAIN_SUMMARY = "train_summary.json"
+# what train.py has recorded in a completed summary since plan hashes were added
+REQUIRED_TRAIN_HASHES = ("model.safetensors", "plan.json")
+
+
+def _unfinished(train_dir: Path, why: str) -> UserError:
+    return UserError(
+        f"{train_dir}: {why}; the training did not complete (interrupted, or still running). "
+        f"Finish it with `masksam train --resume --out {train_dir}` (same parameters) before "
+        "predicting or exporting with it")
+
+
+def verify_training_dir(train_dir: str | os.PathLike) -> dict[str, str]:
+    """Refuse a training folder without a completed ``train_summary.json``; check every sha256
+    it records (weights, plan, ...). Returns ``{file: sha256}`` verified.
+
+    ``masksam train`` writes the summary last, after the final weights, so its absence means the
+    run was interrupted; a summary without hashes was not written by a completed run.
+    """
+    train_dir = Path(train_dir)
+    summary_path = train_dir / TRAIN_SUMMARY
+    if not summary_path.is_file():
+        raise _unfinished(train_dir, f"no {TRAIN_SUMMARY}")
+    try:
+        summary = json.loads(summary_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _unfinished(train_dir, f"{TRAIN_SUMMARY} is unreadable ({exc})") from exc
+    hashes = summary.get("hashes") if isinstance(summary, dict) else None
+    if not isinstance(hashes, dict) or "steps" not in summary:
+        raise _unfinished(train_dir, f"{TRAIN_SUMMARY} records no steps/hashes of a finished run")
+    missing = [name for name in REQUIRED_TRAIN_HASHES if not isinstance(hashes.get(name), str)]
+    if missing:
+        raise UserError(f"{summary_path}: records no sha256 for {missing}; it was not written by a "
+                        "completed `masksam train` of this version: retrain (or --resume) this folder")
+    return verify_files(train_dir, hashes, str(summary_path))
+
+
 def recorded_weight_hash(train_dir: Path) -> str | None:
     """The sha256 of ``model.safetensors`` recorded in ``train_summary.json``, if any."""
-    summary_path = train_dir / "train_summary.json"
+    summary_path = Path(train_dir) / TRAIN_SUMMARY
     if not summary_path.is_file():
         return None
-    summary = read_json(summary_path, "training summary")
-    hashes = summary.get("hashes") or {}
-    for key in ("model.safetensors", "model_safetensors", "weights", "model"):
-        value = hashes.get(key) if isinstance(hashes, dict) else None
-        if isinstance(value, str) and len(value) == 64:
-            return value
-    return None
+    hashes = read_json(summary_path, "training summary").get("hashes") or {}
+    value = hashes.get("model.safetensors") if isinstance(hashes, dict) else None
+    return value if isinstance(value, str) and len(value) == 64 else None
 
 
 def build_model_from_dir(train_dir: str | os.PathLike, device: str = "cpu"):
@@ -277,18 +445,10 @@ def build_model_from_dir(train_dir: str | os.PathLike, device: str = "cpu"):
     train_dir = Path(train_dir)
     if not train_dir.is_dir():
         raise UserError(f"{train_dir}: checkpoint directory not found (run masksam train first)")
+    verified = verify_training_dir(train_dir)  # before any of its files is parsed
     config = read_json(train_dir / "model_config.json", "model config")
     plan = read_json(train_dir / "plan.json", "preprocessing plan")
     weights = train_dir / "model.safetensors"
-    if not weights.is_file():
-        raise UserError(f"{weights}: not found; the checkpoint directory must hold the best weights "
-                        "written by masksam train")
-    verified: dict[str, str] = {}
-    want = recorded_weight_hash(train_dir)
-    if want is not None:
-        verified = verify_files(train_dir, {"model.safetensors": want}, str(train_dir / "train_summary.json"))
-    else:
-        log.warning("%s: train_summary.json records no sha256 for model.safetensors; not verified", train_dir)
     try:
         # the SAM checkpoint path was for training's initialisation; the weights come from
         # model.safetensors, so the (possibly absent) .pth file is never read here.
@@ -343,33 +503,80 @@ def load_checkpoint_dir(train_dir: str | os.PathLike, device: str = "auto") -> L
 
 # ----------------------------------------------------------------------------- MLflow
 
+# HTTP settings while resolving/downloading a models:/ URI: MLflow's defaults (7 retries with
+# backoff factor 2, 120 s timeout) take minutes to give up on a dead server; these fail within
+# about 30 s while still riding out a short hiccup.
+REGISTRY_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                     "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5", "MLFLOW_HTTP_REQUEST_TIMEOUT": "8"}
+# written by MLflow itself into a downloaded model version (name and version, from the
+# registry), so never in the manifest of the artifact store
+MLFLOW_DOWNLOAD_FILES = ("registered_model_meta",)
+
 
 def is_mlflow_uri(ref: str) -> bool:
     return str(ref).startswith(("models:/", "runs:/", "mlflow-artifacts:/"))
 
 
-def registry_onnx_hash(uri: str) -> str | None:
-    """The ``onnx_sha256`` tag of the model version a ``models:/name@alias`` or ``models:/name/N``
-    URI points to (set by ``masksam register``), or None for other URIs."""
-    if not uri.startswith("models:/"):
-        return None
+@dataclass
+class RegistryRecord:
+    """What the registry says about one model version: the trusted side of a verified pull."""
+
+    name: str
+    version: str
+    tags: dict[str, str]
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+@contextlib.contextmanager
+def bounded_http() -> Iterator[None]:
+    """Set :data:`REGISTRY_HTTP_ENV` for the duration of a call (MLflow reads it per request)."""
+    old = {k: os.environ.get(k) for k in REGISTRY_HTTP_ENV}
+    os.environ.update(REGISTRY_HTTP_ENV)
+    try:
+        yield
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def registry_record(uri: str) -> RegistryRecord:
+    """Resolve ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` to its version and tags.
+
+    Only registered versions carry the record (manifest hash) a download is checked against, so
+    other URIs are refused; an unreachable registry fails within about 30 s naming the server.
+    """
     from mlflow import MlflowClient
 
-    rest = uri[len("models:/"):].strip("/")
-    client = MlflowClient()
+    rest = uri[len("models:/"):].strip("/") if uri.startswith("models:/") else ""
+    name, sep, number = rest.partition("/")
+    if not rest or ("@" not in rest and not (sep and number.isdigit())):
+        raise UserError(f"{uri}: only registered models can be verified; give models:/NAME@ALIAS or "
+                        "models:/NAME/VERSION (register the model with masksam register)")
+    server = _tracking_uri()
     try:
-        if "@" in rest:
-            name, alias = rest.split("@", 1)
-            version = client.get_model_version_by_alias(name, alias)
-        else:
-            name, _, number = rest.partition("/")
-            if not number.isdigit():
-                return None
-            version = client.get_model_version(name, number)
-    except Exception as exc:  # MlflowException, connection errors
-        raise UserError(f"{uri}: cannot look the model up in the registry at "
-                        f"{_tracking_uri()} ({str(exc)[:200]})") from exc
-    return (version.tags or {}).get("onnx_sha256")
+        with bounded_http():
+            client = MlflowClient()
+            if "@" in rest:
+                name, alias = rest.split("@", 1)
+                version = client.get_model_version_by_alias(name, alias)
+            else:
+                version = client.get_model_version(name, number)
+    except Exception as exc:  # MlflowException, connection errors, timeouts
+        raise UserError(f"{uri}: cannot look the model up in the registry at {server} "
+                        f"({_first_line(exc)}); start the server, fix MLFLOW_TRACKING_URI, or check "
+                        "the model name/alias") from exc
+    return RegistryRecord(name=name, version=str(version.version), tags=dict(version.tags or {}))
 
 
 def _tracking_uri() -> str:
@@ -379,40 +586,75 @@ def _tracking_uri() -> str:
 
 
 def find_onnx(directory: str | os.PathLike) -> Path:
-    """The ``model.onnx`` inside a downloaded MLflow model (artifacts/...)."""
-    found = sorted(Path(directory).rglob(ONNX_NAME))
-    if not found:
-        raise UserError(f"{directory}: no {ONNX_NAME} in the downloaded model; it was not "
+    """The ``model.onnx`` inside a downloaded MLflow model (``artifacts/model.onnx``)."""
+    path = Path(directory) / "artifacts" / ONNX_NAME
+    if not path.is_file():
+        raise UserError(f"{directory}: no artifacts/{ONNX_NAME} in the downloaded model; it was not "
                         "registered by masksam register")
-    return found[0]
+    return path
+
+
+def verify_model_folder(folder: str | os.PathLike, record: RegistryRecord) -> dict[str, str]:
+    """Check a downloaded model version against the registry: the manifest's sha256 against the
+    ``manifest_sha256`` tag, then every file against the manifest, with no file missing or
+    added; the ONNX and sidecar hashes against their own tags as well."""
+    folder = Path(folder)
+    want = record.tags.get("manifest_sha256")
+    if not want:
+        raise UserError(f"{record.uri}: the registry records no manifest_sha256 for this version, so "
+                        "its files cannot be verified; re-register it with masksam register")
+    manifest_path = folder / MODEL_MANIFEST
+    files = read_manifest(manifest_path, expected_sha256=want)
+    verified = verify_folder(folder, manifest_path, files, exact=True, allowed_extra=MLFLOW_DOWNLOAD_FILES)
+    for tag, rel in (("onnx_sha256", f"artifacts/{ONNX_NAME}"),
+                     ("sidecar_sha256", f"artifacts/{ONNX_NAME}{SIDECAR_SUFFIX}")):
+        if tag in record.tags and files.get(rel) != record.tags[tag]:
+            raise HashMismatch(f"{record.uri}: {rel} differs from the registry's {tag} tag; refusing it")
+    verify_export(find_onnx(folder))
+    return {MODEL_MANIFEST: want, **verified}
 
 
 def download_model(uri: str, dst: str | os.PathLike) -> tuple[Path, dict[str, str]]:
-    """Download an MLflow model to ``dst`` and verify its ONNX files; return (onnx path, hashes)."""
+    """Download a registered model into ``dst`` (new or empty) only once all of it is verified.
+
+    The files land in a temporary folder beside ``dst`` (same filesystem), are checked against
+    the registry's record (:func:`verify_model_folder`) and only then renamed to ``dst``; a
+    refused download leaves ``dst`` as it was and no temporary folder. Returns the ONNX path
+    and ``{relative path: sha256}`` of what was verified.
+    """
     import mlflow
 
-    want = registry_onnx_hash(uri)
+    dst = Path(dst)
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise UserError(f"{dst}: exists and is not empty (or not a folder); pull into a new folder")
+    record = registry_record(uri)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.pull-", dir=dst.parent))
     try:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst))
-    except Exception as exc:  # MlflowException, connection errors
-        raise UserError(f"{uri}: cannot download it from {_tracking_uri()} ({str(exc)[:300]}); check "
-                        "MLFLOW_TRACKING_URI and the model name/alias") from exc
-    onnx_path = find_onnx(local)
-    meta = read_sidecar(onnx_path)
-    files = dict(meta["files"])
-    if want is not None and files.get(onnx_path.name) != want:
-        raise HashMismatch(f"{uri}: the downloaded sidecar's sha256 for {onnx_path.name} differs from "
-                           "the registry's onnx_sha256 tag; refusing the model")
-    verified = verify_files(onnx_path.parent, files, str(sidecar_path(onnx_path)))
-    return onnx_path, verified
+        try:
+            with bounded_http():  # the version, not the alias: it may move meanwhile
+                mlflow.artifacts.download_artifacts(artifact_uri=record.uri, dst_path=str(tmp))
+        except Exception as exc:  # MlflowException, connection errors
+            raise UserError(f"{uri}: cannot download it from {_tracking_uri()} ({_first_line(exc)}); "
+                            "check MLFLOW_TRACKING_URI and the model name/alias") from exc
+        verified = verify_model_folder(tmp, record)
+        if dst.exists():
+            dst.rmdir()
+        os.replace(tmp, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return find_onnx(dst), verified
 
 
-def load_mlflow(uri: str, device: str = "auto", threads: int | None = None,
-                cache_dir: str | os.PathLike | None = None) -> LoadedModel:
-    """Download a registered model and load its ONNX graph (the registry tag hash is checked)."""
-    dst = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="masksam-model-"))
-    onnx_path, _ = download_model(uri, dst)
-    loaded = load_onnx(onnx_path, device=device, threads=threads)
+def load_mlflow(uri: str, device: str = "auto", threads: int | None = None) -> LoadedModel:
+    """Download a registered model into a temporary folder, verify it, load its ONNX graph and
+    remove the folder again (ONNX Runtime holds the graph in memory once the session exists)."""
+    tmp = Path(tempfile.mkdtemp(prefix="masksam-model-"))
+    try:
+        onnx_path, _ = download_model(uri, tmp / "model")
+        loaded = load_onnx(onnx_path, device=device, threads=threads)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     loaded.source = uri
     return loaded
 

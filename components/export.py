@@ -23,8 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from masksam.components._io import atomic_path, params_or_default, pick_option, read_json, section, write_json
-from masksam.components._loading import ONNX_NAME, sha256_file, sidecar_path
+from masksam.components._io import (check_output_dir, owned_output_dir, params_or_default, pick_option,
+                                     read_json, section, write_json)
+from masksam.components._loading import ONNX_NAME, sha256_file, sidecar_path, write_manifest
 from masksam.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -222,11 +223,13 @@ def _files_of(path: Path) -> dict[str, str]:
 def export(train_dir: str | os.PathLike, out_dir: str | os.PathLike, *, opset: int = 18,
            fp16: bool = False, atol: float = 1e-3, fp16_atol: float = 5e-2,
            min_agreement: float = 0.999, data_dir: str | os.PathLike | None = None,
-           tensorrt: str = "auto", exporter: str = "auto") -> dict[str, Any]:
+           tensorrt: str = "auto", exporter: str = "auto", force: bool = False) -> dict[str, Any]:
     """Export the checkpoint directory ``train_dir`` to ``out_dir``; return the sidecar dict.
 
     Raises UserError (and leaves ``out_dir`` untouched) when ONNX Runtime disagrees with PyTorch
-    beyond ``atol`` or on more than ``1 - min_agreement`` of the voxel labels.
+    beyond ``atol`` or on more than ``1 - min_agreement`` of the voxel labels. ``out_dir`` is
+    replaced only when it is new, empty or an earlier export (``force``: any folder that is not
+    an input); a file there, or a folder in or around ``train_dir``/``data_dir``, is refused.
     """
     import onnx
     import onnxruntime as ort
@@ -236,6 +239,7 @@ def export(train_dir: str | os.PathLike, out_dir: str | os.PathLike, *, opset: i
     from masksam.components._tensorrt import build_engine, tensorrt_unavailable_reason
 
     train_dir, out_dir = Path(train_dir), Path(out_dir)
+    check_output_dir(out_dir, "export", inputs=(train_dir, data_dir), force=force, what="--out")
     if tensorrt not in ("auto", "on", "off"):
         raise UserError(f"--tensorrt {tensorrt!r}: choose auto, on or off")
     if tensorrt == "on" and tensorrt_unavailable_reason() is not None:  # fail before the export
@@ -251,8 +255,7 @@ def export(train_dir: str | os.PathLike, out_dir: str | os.PathLike, *, opset: i
 
     for noisy in ("onnx_ir", "onnxscript"):  # one INFO line per folded constant / rewrite
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    with atomic_path(out_dir) as tmp:
-        tmp.mkdir(parents=True)
+    with owned_output_dir(out_dir, "export", inputs=(train_dir, data_dir), force=force, what="--out") as tmp:
         onnx_path = tmp / ONNX_NAME
         with torch.inference_mode(False), torch.no_grad():
             used, fallback = export_onnx(module, example, onnx_path, opset, exporter)
@@ -336,6 +339,7 @@ def export(train_dir: str | os.PathLike, out_dir: str | os.PathLike, *, opset: i
                 sidecar["tensorrt_engine"] = {"skipped": reason}
         sidecar["export_seconds"] = round(time.time() - started, 2)
         write_json(sidecar_path(onnx_path), sidecar)
+        write_manifest(tmp)  # export_manifest.json: sha256 of every file above, sidecar included
     log.info("exported %s (%s exporter) to %s", train_dir, used, out_dir)
     return sidecar
 
@@ -347,7 +351,10 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         "batch axis, check ONNX Runtime against PyTorch, and write model.onnx + model.onnx.json "
         "(plan, config, sha256, parity figures). Nothing is written when parity fails.")
     p.add_argument("--train", required=True, help="checkpoint directory written by `masksam train`")
-    p.add_argument("--out", help="output directory (default: params.yaml export.out)")
+    p.add_argument("--out", help="output directory (default: params.yaml export.out); replaced when it "
+                   "is new, empty or an earlier export")
+    p.add_argument("--force", action="store_true",
+                   help="replace --out even when it holds files export did not write")
     p.add_argument("--data", help="preprocessed dataset for parity on real slabs "
                    "(default: params.yaml preprocess.out when it exists)")
     p.add_argument("--opset", type=int, help="ONNX opset (default: params export.opset, 18)")
@@ -374,5 +381,5 @@ def _main(args: argparse.Namespace) -> int:
            fp16=bool(pick_option(args.fp16, ex, "fp16", False)),
            atol=float(pick_option(args.atol, ex, "atol", 1e-3)),
            fp16_atol=args.fp16_atol, data_dir=pick_option(args.data, section(params, "preprocess"), "out"),
-           tensorrt=args.tensorrt, exporter=args.exporter)
+           tensorrt=args.tensorrt, exporter=args.exporter, force=args.force)
     return 0

@@ -4,8 +4,12 @@ The registered model is the ONNX graph plus its sidecar (no pickled torch model)
 ``components/_pyfunc.py`` as a model from code, with masksam's own source shipped in
 ``code_paths`` so loading needs neither a masksam install nor the training weights. Each version
 carries lineage tags (git commit, DVC/data hashes, training run, evaluation metrics, test-set id,
-ONNX sha256). The ``champion`` alias moves only when the new version's mean foreground Dice beats
-the current champion's on the same test set; otherwise the version becomes ``challenger``.
+ONNX and sidecar sha256) and ``manifest_sha256``: the hash of ``masksam_manifest.json``, which
+lists the sha256 of every file of the logged model and is stored in the model's folder. The tag
+lives in the registry, not in the artifact store, so ``masksam pull`` can tell any change of any
+file (code included) from the registered model. The ``champion`` alias moves only when the new
+version's mean foreground Dice beats the current champion's on the same test set; otherwise the
+version becomes ``challenger``.
 """
 
 from __future__ import annotations
@@ -24,12 +28,15 @@ from typing import Any
 import numpy as np
 
 from masksam.components._io import params_or_default, pick_option, read_json, section
-from masksam.components._loading import ONNX_NAME, read_sidecar, sha256_file, sidecar_path, verify_files
+from masksam.components._loading import (EXPORT_MANIFEST, MLFLOW_DOWNLOAD_FILES, MODEL_MANIFEST, ONNX_NAME,
+                                         sha256_file, sidecar_path, verify_export, verify_training_dir,
+                                         write_manifest)
 from masksam.errors import UserError
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+# the subpackages the pyfunc imports at serving time (pipelines/ is not needed there)
+SHIPPED_SUBPACKAGES = ("model", "components")
 # what the pyfunc imports at serving time (masksam.model.inference pulls torch; masksam.model's
 # package __init__ pulls segment-anything/torchvision)
 SERVING_PACKAGES = ("onnxruntime", "SimpleITK", "numpy", "scipy", "torch", "torchvision",
@@ -45,13 +52,27 @@ class Decision:
 
 
 def stage_code(dst: Path) -> Path:
-    """Assemble the importable ``masksam`` package (masksam/, model/, components/) under ``dst``;
-    the installed layout maps three top-level folders into one namespace, so it is rebuilt here."""
+    """Assemble the importable ``masksam`` package under ``dst`` from the *imported* package:
+    the top-level modules of ``masksam`` plus the subpackages the pyfunc imports at serving
+    time (:data:`SHIPPED_SUBPACKAGES`), each found where importlib finds it. This works for the
+    editable checkout (``masksam.model`` lives in ``model/``) and for an installed wheel
+    (``site-packages/masksam/model``) alike."""
+    import importlib.util
+
+    import masksam
+
     pkg = dst / "masksam"
+    pkg.mkdir(parents=True)
+    for module in sorted(Path(masksam.__file__).parent.glob("*.py")):
+        shutil.copy2(module, pkg / module.name)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
-    shutil.copytree(REPO_ROOT / "masksam", pkg, ignore=ignore)
-    shutil.copytree(REPO_ROOT / "model", pkg / "model", ignore=ignore)
-    shutil.copytree(REPO_ROOT / "components", pkg / "components", ignore=ignore)
+    for sub in SHIPPED_SUBPACKAGES:
+        spec = importlib.util.find_spec(f"masksam.{sub}")  # finds it without importing it (torch)
+        locations = list(spec.submodule_search_locations or []) if spec else []
+        if not locations:
+            raise UserError(f"masksam.{sub}: not found in this installation ({masksam.__file__}); "
+                            "reinstall masksam")
+        shutil.copytree(locations[0], pkg / sub, ignore=ignore)
     return pkg
 
 
@@ -76,11 +97,18 @@ def example_volume(plan: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
     if n_channels > 1:
         vol = np.stack([vol] * n_channels)
     spacing = [float(s) for s in plan.get("target_spacing_xyz", [1.0, 1.0, 1.0])]
-    return vol, {"spacing": spacing}
+    # the full geometry, as a caller must send it (the pyfunc refuses a call without it)
+    return vol, {"spacing": spacing, "origin": [0.0, 0.0, 0.0],
+                 "direction": [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]}
 
 
 def signature(plan: dict[str, Any]):
-    """Tensor signature: float32 volume in, uint8 labels out; geometry and options as params."""
+    """Tensor signature: float32 volume in, uint8 labels out; geometry and options as params.
+
+    MLflow's ParamSpec has no "required" (a missing param gets its default), so the geometry
+    params default to an empty list: valid for the schema, refused by name by the pyfunc. A
+    default such as spacing [1, 1, 1] or an identity direction would give a plausible but wrong
+    segmentation of any scan whose header differs."""
     from mlflow.models import ModelSignature
     from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
@@ -91,9 +119,9 @@ def signature(plan: dict[str, Any]):
         inputs=Schema([TensorSpec(np.dtype(np.float32), shape)]),
         outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1))]),
         params=ParamSchema([
-            ParamSpec("spacing", "double", [1.0, 1.0, 1.0], (-1,)),
-            ParamSpec("origin", "double", [0.0, 0.0, 0.0], (-1,)),
-            ParamSpec("direction", "double", [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0], (-1,)),
+            ParamSpec("spacing", "double", [], (-1,)),
+            ParamSpec("origin", "double", [], (-1,)),
+            ParamSpec("direction", "double", [], (-1,)),
             ParamSpec("mirror", "boolean", False),
             ParamSpec("overlap", "double", 0.5),
         ]),
@@ -166,13 +194,12 @@ def register(train_dir: str | os.PathLike, export_dir: str | os.PathLike, eval_f
     onnx_path = export_dir / ONNX_NAME
     if not onnx_path.is_file():
         raise UserError(f"{onnx_path}: not found; run masksam export first")
-    meta = read_sidecar(onnx_path)
-    verify_files(export_dir, meta["files"], str(sidecar_path(onnx_path)))
+    meta, _ = verify_export(onnx_path)  # what is registered is what export wrote
+    weights_sha = verify_training_dir(train_dir)["model.safetensors"]
     summary_path = train_dir / "train_summary.json"
     train_summary = read_json(summary_path, "training summary")
-    weights_sha = (train_summary.get("hashes") or {}).get("model.safetensors")
     exported_from = (meta.get("source") or {}).get("weights_sha256")
-    if weights_sha and exported_from and weights_sha != exported_from:
+    if exported_from and weights_sha != exported_from:
         raise UserError(f"{onnx_path}: was exported from weights {exported_from[:12]}, but {summary_path} "
                         f"records {weights_sha[:12]}; re-export this training run before registering")
     evaluation = read_json(eval_file, "evaluation summary")
@@ -195,7 +222,9 @@ def register(train_dir: str | os.PathLike, export_dir: str | os.PathLike, eval_f
         **{f"eval.{k.lower()}": f"{float(v):.6f}" for k, v in evaluation["foreground_mean"].items()
            if isinstance(v, (int, float)) and k != "Dice"},
     }
-    artifacts = {"onnx": str(onnx_path), "sidecar": str(sidecar_path(onnx_path))}
+    # the export's manifest travels beside model.onnx, so every load checks the sidecar too
+    artifacts = {"onnx": str(onnx_path), "sidecar": str(sidecar_path(onnx_path)),
+                 "export_manifest": str(export_dir / EXPORT_MANIFEST)}
     data_file = export_dir / (ONNX_NAME + ".data")
     if data_file.is_file():
         artifacts["onnx_data"] = str(data_file)
@@ -209,16 +238,32 @@ def register(train_dir: str | os.PathLike, export_dir: str | os.PathLike, eval_f
                 python_model=str(Path(__file__).with_name("_pyfunc_entry.py")),
                 artifacts=artifacts, code_paths=[str(code)], signature=signature(meta["plan"]),
                 input_example=example, pip_requirements=pip_requirements(),
-                registered_model_name=model_name,
             )
-    new_version = str(info.registered_model_version)
-    client = MlflowClient()
-    for key, value in version_tags.items():
-        client.set_model_version_tag(model_name, new_version, key, value)
-    client.set_model_version_tag(model_name, new_version, "register_run_id", run.info.run_id)
-    decision = decide_alias(client, model_name, new_version, dice, test_set, alias)
-    log.info("registered %s version %s (run %s)", model_name, new_version, run.info.run_id)
+            manifest_sha, n_files = record_manifest(info.model_id, info.model_uri)
+    # registered only now, with its manifest hash: no version exists without its record
+    version_tags.update(manifest_sha256=manifest_sha, register_run_id=run.info.run_id)
+    registered = mlflow.register_model(info.model_uri, model_name, tags=version_tags)
+    new_version = str(registered.version)
+    decision = decide_alias(MlflowClient(), model_name, new_version, dice, test_set, alias)
+    log.info("registered %s version %s (run %s; manifest of %d files, sha256 %s)", model_name,
+             new_version, run.info.run_id, n_files, manifest_sha)
     return decision
+
+
+def record_manifest(model_id: str, model_uri: str) -> tuple[str, int]:
+    """Hash every file of the logged model as the artifact store holds it (ONNX, external data,
+    sidecar, export manifest, shipped code, MLmodel, environment files) into
+    ``masksam_manifest.json``, upload it into the model's folder, and return its sha256 (for
+    the ``manifest_sha256`` version tag: the record in the registry that ``pull`` checks) and
+    the number of files it lists."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    with tempfile.TemporaryDirectory(prefix="masksam-manifest-") as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(Path(tmp) / "m")))
+        files = write_manifest(local, MODEL_MANIFEST, exclude=MLFLOW_DOWNLOAD_FILES)
+        MlflowClient().log_model_artifact(model_id, str(local / MODEL_MANIFEST))
+        return sha256_file(local / MODEL_MANIFEST), len(files)
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:

@@ -91,7 +91,8 @@ def make_checkpoint_dir(root: Path, preprocessed: Path, seed: int = 0, img_size:
 
     (out / "train_summary.json").write_text(json.dumps({
         "mlflow_run_id": None, "steps": 0, "best_val_dice": None,
-        "hashes": {"model.safetensors": sha256_file(out / "model.safetensors")}}))
+        "hashes": {name: sha256_file(out / name) for name in
+                   ("model.safetensors", "plan.json", "model_config.json")}}))
     return out
 
 

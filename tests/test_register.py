@@ -18,6 +18,8 @@ def tracking(tmp_path, monkeypatch):
     import mlflow
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # a sqlite store puts artifacts in ./mlruns: keep them out of the checkout
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
     return uri
@@ -109,7 +111,7 @@ def test_register_load_predict_pull_and_tamper(tracking, tmp_path, train_dir, ex
     assert (ref == labels).mean() > 0.999
 
     onnx_path, files = pull("models:/masksam@champion", tmp_path / "pulled")
-    assert files["model.onnx"] == tags["onnx_sha256"]
+    assert files["artifacts/model.onnx"] == tags["onnx_sha256"]
     # tamper with a downloaded copy: refused, with the reason
     tampered = tmp_path / "tampered"
     shutil.copytree(onnx_path.parent.parent, tampered)
