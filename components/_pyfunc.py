@@ -6,15 +6,29 @@ sha256). Preprocessing (reorientation, crop, normalisation, resampling) and post
 (sliding window, restoring the original grid) travel inside the model, through masksam's own code
 shipped with it (``code_paths``), so a user needs neither masksam nor PyTorch weights:
 
+    image = sitk.ReadImage("scan.nii.gz")
     model = mlflow.pyfunc.load_model("models:/masksam@champion")
-    labels = model.predict(volume_zyx.astype("float32"), params={"spacing": [0.8, 0.8, 2.5]})
+    labels = model.predict(sitk.GetArrayFromImage(image).astype("float32"),
+                           params={"spacing": list(image.GetSpacing()),
+                                   "origin": list(image.GetOrigin()),
+                                   "direction": list(image.GetDirection())})
 
 ``model_input``: float32 ``[Z, Y, X]`` (``[C, Z, Y, X]`` for multi-channel plans) in raw units
-(HU for CT). ``params``: ``spacing`` (x, y, z mm), optional ``origin`` (x, y, z) and
-``direction`` (9 numbers, SimpleITK order), ``mirror`` (bool), ``overlap`` (float). Output: uint8
-``[Z, Y, X]`` labels on the input's grid. Over REST: ``{"inputs": [...nested lists...],
-"params": {"spacing": [...]}}`` to ``/invocations``. For files, ``unwrap_python_model()
-.predict_file(path, out_path)`` reads any SimpleITK format and writes the label map.
+(HU for CT). ``params``: ``spacing`` (x, y, z mm), ``origin`` (x, y, z mm) and ``direction`` (9
+numbers, SimpleITK order) are all *required*: the model reorients to the plan's orientation and
+resamples to its training spacing, so a guessed geometry gives a plausible but wrong segmentation
+(an identity direction on a flipped scan scores Dice 0.1 instead of 0.76). MLflow's ParamSpec
+cannot mark a parameter required (a missing one is filled with its default), so the signature's
+defaults are empty lists, which this model refuses by name. Optional: ``mirror`` (bool),
+``overlap`` (float in [0, 1)). Output: uint8 ``[Z, Y, X]`` labels on the input's grid. Over REST:
+``{"inputs": [...nested lists...], "params": {"spacing": [...], "origin": [...], "direction":
+[...]}}`` to ``/invocations``. For files, ``unwrap_python_model().predict_file(path, out_path)``
+reads any SimpleITK format and writes the label map.
+
+Inputs larger than ``MASKSAM_MAX_VOXELS`` values (read when the model loads; default 512**3) are
+refused before any work. Every refusal is a :class:`RequestRefused`: an ``MlflowException`` with
+``INVALID_PARAMETER_VALUE`` (MLflow's scoring server answers HTTP 400 with the message and no
+stack trace) that is also a ``UserError`` for masksam's own callers.
 """
 
 from __future__ import annotations
@@ -25,21 +39,114 @@ from typing import Any
 
 import mlflow.pyfunc
 import numpy as np
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+from masksam.errors import UserError
 
 ARTIFACT_ONNX = "onnx"
 ARTIFACT_SIDECAR = "sidecar"
 ARTIFACT_DATA = "onnx_data"
-IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+GEOMETRY_PARAMS = {"spacing": 3, "origin": 3, "direction": 9}
+MAX_VOXELS_ENV = "MASKSAM_MAX_VOXELS"
+# 512**3 = 134,217,728 values (512 MiB as float32): every 512x512 CT up to 512 slices passes (a
+# 512x512x300 abdomen is 78.6 M), a 600x512x512 request (157 M) is refused. The whole chain
+# (JSON parse, float32 copy, per-class probabilities on the original grid) costs several bytes
+# of memory per value, so a server with less memory sets a lower MASKSAM_MAX_VOXELS.
+DEFAULT_MAX_VOXELS = 512 ** 3
+TOO_LARGE = "REQUEST_TOO_LARGE"  # error_class of size refusals; `masksam serve` answers them 413
+ROTATION_TOL = 1e-4
 
 
-def _param_list(params: dict[str, Any], name: str, n: int, default=None) -> list[float] | None:
-    value = params.get(name, default)
-    if value is None:
-        return None
-    values = [float(v) for v in np.asarray(value, dtype=np.float64).ravel()]
+class RequestRefused(MlflowException, UserError):
+    """A request the caller can fix. MLflow's scoring server turns an ``MlflowException`` into
+    an HTTP 400 body with the message and without a stack trace (any other exception becomes
+    "unexpected error" with the full traceback), and masksam's CLI prints a UserError as one
+    line."""
+
+    def __init__(self, message: str, error_class: str | None = None) -> None:
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE, error_class=error_class)
+
+
+def max_voxels_from_env() -> int:
+    """The largest input (values over all channels) this process accepts:
+    ``MASKSAM_MAX_VOXELS`` or :data:`DEFAULT_MAX_VOXELS`."""
+    raw = os.environ.get(MAX_VOXELS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_VOXELS
+    try:
+        value = int(float(raw))
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise UserError(f"{MAX_VOXELS_ENV}={raw!r}: must be a positive number of voxels "
+                        f"(default {DEFAULT_MAX_VOXELS})")
+    return value
+
+
+def check_size(shape: tuple[int, ...], limit: int) -> None:
+    """Refuse an input of more than ``limit`` values before anything is computed on it."""
+    n = int(np.prod(shape, dtype=np.int64))
+    if n > limit:
+        raise RequestRefused(
+            f"model_input of shape {tuple(shape)} holds {n:,} voxel values, over this server's "
+            f"limit of {limit:,} (HTTP 413 Payload Too Large; {MAX_VOXELS_ENV} sets the limit "
+            "when the model loads); send a smaller or cropped scan", error_class=TOO_LARGE)
+
+
+def _numbers(params: dict[str, Any], name: str, n: int) -> list[float]:
+    try:
+        values = [float(v) for v in np.asarray(params[name], dtype=np.float64).ravel()]
+    except (TypeError, ValueError) as exc:
+        raise RequestRefused(f"params['{name}'] must be {n} numbers, got {params[name]!r}") from exc
     if len(values) != n:
-        raise ValueError(f"params['{name}'] needs {n} numbers, got {len(values)}")
+        raise RequestRefused(f"params['{name}'] must be {n} numbers, got {len(values)}")
+    if not np.all(np.isfinite(values)):
+        raise RequestRefused(f"params['{name}'] = {values}: every value must be finite")
     return values
+
+
+def check_direction(direction: list[float]) -> None:
+    """A direction must be a rotation, possibly with a reflection (orthonormal 3x3, |det| = 1):
+    anything else is not an image orientation and would shear the scan."""
+    d = np.asarray(direction, dtype=np.float64).reshape(3, 3)
+    if not (np.allclose(d @ d.T, np.eye(3), atol=ROTATION_TOL)
+            and abs(abs(np.linalg.det(d)) - 1.0) <= ROTATION_TOL):
+        raise RequestRefused(
+            f"params['direction'] = {direction} is not an orthonormal 3x3 direction matrix "
+            "(|det| = 1); pass image.GetDirection() of the scan, row by row")
+
+
+def geometry(params: dict[str, Any] | None) -> tuple[list[float], list[float], list[float]]:
+    """``spacing``, ``origin`` and ``direction`` from ``params``, all required and checked;
+    a missing one (absent, None or the signature's empty default) is refused by name."""
+    from masksam.components._scan import check_spacing
+
+    params = params or {}
+    missing = [name for name in GEOMETRY_PARAMS if params.get(name) is None or np.size(params[name]) == 0]
+    if missing:
+        raise RequestRefused(
+            f"params {', '.join(missing)} missing: spacing, origin and direction are all required "
+            "(pass list(image.GetSpacing()), list(image.GetOrigin()), list(image.GetDirection()) "
+            "of the scan); a guessed geometry gives a plausible but wrong segmentation")
+    spacing, origin, direction = (_numbers(params, name, n) for name, n in GEOMETRY_PARAMS.items())
+    try:
+        spacing = check_spacing(spacing, "params['spacing']")
+    except UserError as exc:
+        raise RequestRefused(str(exc)) from exc
+    check_direction(direction)
+    return spacing, origin, direction
+
+
+def options(params: dict[str, Any] | None) -> tuple[bool, float]:
+    """``mirror`` and ``overlap`` (optional), checked."""
+    params = params or {}
+    mirror = params.get("mirror")
+    overlap = params.get("overlap")
+    overlap = 0.5 if overlap is None else overlap
+    if not isinstance(overlap, (int, float, np.number)) or not 0.0 <= float(overlap) < 1.0:
+        raise RequestRefused(f"params['overlap'] = {overlap!r}: must be a number in [0, 1)")
+    return bool(mirror), float(overlap)
 
 
 class MaskSAMPyfunc(mlflow.pyfunc.PythonModel):
@@ -48,6 +155,7 @@ class MaskSAMPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from masksam.components._loading import load_onnx
 
+        self.max_voxels = max_voxels_from_env()
         device = os.environ.get("MASKSAM_DEVICE", "auto")
         # load_onnx checks every file against the sidecar's sha256 before ONNX Runtime parses it
         self.model = load_onnx(Path(context.artifacts[ARTIFACT_ONNX]), device=device)
@@ -60,26 +168,37 @@ class MaskSAMPyfunc(mlflow.pyfunc.PythonModel):
         probs, _ = _infer(self.model, image, mirror, overlap, 1, False)
         return restore_to_original(probs, properties)
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> np.ndarray:
-        """Segment one volume given as an array in raw units; returns uint8 labels, same shape."""
-        import SimpleITK as sitk
-
-        params = dict(params or {})
+    def _volume(self, model_input) -> np.ndarray:
+        """The input as ``[C, Z, Y, X]``, its size checked before anything is copied."""
         if isinstance(model_input, dict) and len(model_input) == 1:  # a named tensor
             model_input = next(iter(model_input.values()))
-        volume = np.asarray(model_input, dtype=np.float32)
+        volume = np.asanyarray(model_input)
+        check_size(volume.shape, getattr(self, "max_voxels", DEFAULT_MAX_VOXELS))
         n_channels = len(self.model.plan.get("channel_names", {"0": ""}))
         if volume.ndim == 3 and n_channels == 1:
             volume = volume[None]
         if volume.ndim != 4 or volume.shape[0] != n_channels:
-            raise ValueError(f"model_input must be [Z, Y, X] (or [C, Z, Y, X] with C = {n_channels}); "
-                             f"got shape {tuple(np.asarray(model_input).shape)}")
-        spacing = _param_list(params, "spacing", 3)
-        if spacing is None or min(spacing) <= 0:
-            raise ValueError("params['spacing'] = [x, y, z] in mm (positive) is required: the model "
-                             "resamples to its training spacing")
-        origin = _param_list(params, "origin", 3, (0.0, 0.0, 0.0))
-        direction = _param_list(params, "direction", 9, IDENTITY)
+            raise RequestRefused(f"model_input must be [Z, Y, X] (or [C, Z, Y, X] with C = {n_channels}); "
+                                 f"got shape {tuple(np.shape(model_input))}")
+        if volume.dtype.kind not in "iuf":
+            raise RequestRefused(f"model_input must hold numbers (raw intensities), got {volume.dtype}")
+        return volume
+
+    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> np.ndarray:
+        """Segment one volume given as an array in raw units; returns uint8 labels, same shape.
+        Size, geometry, options and finiteness are checked, in that order, before any work."""
+        import SimpleITK as sitk
+
+        from masksam.components._scan import check_finite
+
+        volume = self._volume(model_input)
+        spacing, origin, direction = geometry(params)
+        mirror, overlap = options(params)
+        volume = volume.astype(np.float32, copy=False)
+        try:
+            check_finite(volume, "model_input")
+        except UserError as exc:
+            raise RequestRefused(str(exc)) from exc
         images = []
         for channel in volume:
             img = sitk.GetImageFromArray(channel)
@@ -87,7 +206,7 @@ class MaskSAMPyfunc(mlflow.pyfunc.PythonModel):
             img.SetOrigin(origin)
             img.SetDirection(direction)
             images.append(img)
-        restored = self._segment(images, bool(params.get("mirror", False)), float(params.get("overlap", 0.5)))
+        restored = self._segment(images, mirror, overlap)
         return sitk.GetArrayFromImage(restored).astype(np.uint8)
 
     def predict_file(self, path: str | os.PathLike, out_path: str | os.PathLike | None = None,

@@ -20,7 +20,7 @@ from masksam.errors import UserError
 
 # The order verbs appear in `masksam --help`: the order a user runs them.
 _VERB_ORDER = [
-    "data", "preprocess", "train", "evaluate", "predict", "export", "register", "pull", "pipeline",
+    "data", "preprocess", "train", "evaluate", "predict", "export", "register", "pull", "serve", "pipeline",
 ]
 
 

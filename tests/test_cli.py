@@ -10,7 +10,7 @@ import pytest
 
 from masksam.cli import main
 
-VERBS = ["data", "preprocess", "train", "evaluate", "predict", "export", "register", "pull", "pipeline"]
+VERBS = ["data", "preprocess", "train", "evaluate", "predict", "export", "register", "pull", "serve", "pipeline"]
 
 
 def test_help_lists_every_verb_in_the_order_users_run_them(capsys: pytest.CaptureFixture) -> None:

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -79,6 +80,17 @@ def test_register_then_serve_rest(tmp_path, train_dir, export_dir, monkeypatch):
         labels = np.asarray(reply["predictions"])
         assert labels.shape == arr.shape
         assert set(np.unique(labels)) <= {0, 1, 2}
+        # plain `mlflow models serve` too: no geometry guessed, a named 400 without stack trace
+        body = json.dumps({"inputs": arr.tolist(), "params": {"spacing": list(img.GetSpacing())}}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{serve_port}/invocations", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(req, timeout=120)
+        assert refused.value.code == 400
+        error = json.loads(refused.value.read())
+        assert error["error_code"] == "INVALID_PARAMETER_VALUE"
+        assert "params origin, direction missing" in error["message"]
+        assert "stack_trace" not in error and "Traceback" not in error["message"]
     finally:
         for proc in (serve, server):
             if proc is not None:
