@@ -1,11 +1,18 @@
 """MLflow tracking shared by the steps: reachability check, retried logging, lineage tags.
 
-Two rules shape this module:
+Three rules shape this module:
 
 - An unreachable tracking server fails the step *at start* with a UserError (a quick probe
   with no retries and a short timeout), not after hours of training.
-- Once running, a logging failure never kills the work: each call is retried with backoff,
-  then a warning is logged and the step goes on.
+- Once running, every call of a :class:`RunLogger` is bounded: MLflow's own HTTP retries (7,
+  exponential backoff, 120 s timeouts: minutes per call) are switched off for it, and the call
+  is retried here with short backoff until ``timeout_s`` has passed. A store that stays
+  unreachable that long raises :class:`TrackingUnavailable`, so training can save its
+  checkpoint and stop with a ``--resume`` hint instead of hanging. A refusal by a store that
+  did answer (an HTTP 4xx: invalid value, deleted run) is logged as a warning and the step
+  goes on: retrying cannot help and the work is worth more than one lost metric.
+- Metric names go through :func:`metric_name` / :func:`unique_metric_names`, so a label name
+  MLflow would refuse ("kidney (left)") cannot make it drop a whole batch.
 
 The tracking URI comes from ``MLFLOW_TRACKING_URI``; MLflow 3's default, ``sqlite:///mlflow.db``
 in the working directory, is used when it is unset.
@@ -14,21 +21,29 @@ in the working directory, is used when it is unset.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
+import math
 import os
 import platform
+import re
 import socket
 import subprocess
 import time
+import unicodedata
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
 
 from masksam.errors import UserError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_TRACKING_TIMEOUT_S = 120.0
+_ATTEMPT_TIMEOUT_S = 30      # one HTTP request never waits longer than this
+_MAX_BACKOFF_S = 10.0
+_MAX_KEY_LENGTH = 250        # MLflow's limit on metric, param and tag keys
 _T = TypeVar("_T")
 
 
@@ -52,6 +67,12 @@ def _env(**values: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (MLflow's run to pages), or its type's name."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
 def check_tracking(uri: str | None = None, timeout_s: float = 5.0) -> str:
     """Probe the tracking store once, quickly; raise UserError naming the URI if it fails.
 
@@ -70,9 +91,8 @@ def check_tracking(uri: str | None = None, timeout_s: float = 5.0) -> str:
         try:
             MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
         except Exception as exc:  # connection refused, DNS, timeout, bad scheme, locked DB...
-            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
             raise UserError(
-                f"MLflow tracking server {uri} cannot be reached ({first}). Start it, fix "
+                f"MLflow tracking server {uri} cannot be reached ({_first_line(exc)}). Start it, fix "
                 "MLFLOW_TRACKING_URI, or unset it to log to the local sqlite:///mlflow.db"
             ) from exc
     return uri
@@ -90,6 +110,98 @@ def retry(fn: Callable[..., _T], *args: Any, what: str = "MLflow call", attempts
                 return None
             time.sleep(backoff_s * 2 ** (attempt - 1))
     return None
+
+
+class TrackingUnavailable(UserError):
+    """The tracking store stayed unreachable for a whole bounded wait (see :func:`bounded_call`)."""
+
+    def __init__(self, uri: str, waited_s: float, what: str, cause: BaseException) -> None:
+        self.uri, self.waited_s, self.what = uri, waited_s, what
+        super().__init__(f"MLflow tracking server {uri} was unreachable for {waited_s:.0f} s "
+                         f"({what}: {_first_line(cause)})")
+
+
+def _is_refusal(exc: BaseException) -> bool:
+    """True for an answer of the store that retrying cannot change (HTTP 4xx but 408/429)."""
+    from mlflow.exceptions import MlflowException
+
+    if not isinstance(exc, MlflowException):
+        return False
+    status = exc.get_http_status_code()
+    return 400 <= status < 500 and status not in (408, 429)
+
+
+def _http_limits(timeout_s: float) -> contextlib.AbstractContextManager:
+    """MLflow HTTP settings for one attempt: no retries of its own, at most ``timeout_s``."""
+    return _env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="0",
+                MLFLOW_HTTP_REQUEST_TIMEOUT=str(max(1, math.ceil(min(timeout_s, _ATTEMPT_TIMEOUT_S)))))
+
+
+def bounded_call(fn: Callable[..., _T], *args: Any, uri: str, timeout_s: float, what: str,
+                 backoff_s: float = 0.5, **kwargs: Any) -> _T:
+    """Call ``fn`` until it succeeds, retrying for at most ``timeout_s`` seconds in all.
+
+    Each attempt runs with MLflow's HTTP retries off and a request timeout no longer than the
+    time left, so the whole call ends within about ``timeout_s`` + 1 s. A refusal by the store
+    (:func:`_is_refusal`) is raised at once; anything else (connection refused, timeouts, 5xx,
+    a locked database) is retried, then raised as :class:`TrackingUnavailable`.
+    """
+    start = time.monotonic()
+    delay = backoff_s
+    while True:
+        left = timeout_s - (time.monotonic() - start)
+        try:
+            with _http_limits(left):
+                return fn(*args, **kwargs)
+        except Exception as exc:
+            if _is_refusal(exc):
+                raise
+            waited = time.monotonic() - start
+            if waited >= timeout_s:
+                raise TrackingUnavailable(uri, waited, what, exc) from exc
+            if delay == backoff_s:
+                log.warning("%s: MLflow at %s did not answer (%s); retrying for up to %.0f s",
+                            what, uri, _first_line(exc, 200), timeout_s)
+            time.sleep(min(delay, max(timeout_s - waited, 0.0)))
+            delay = min(delay * 2, _MAX_BACKOFF_S)
+
+
+def metric_name(text: str) -> str:
+    """One part of an MLflow metric key: characters MLflow refuses become ``_``.
+
+    MLflow accepts letters and digits (Unicode ones too), ``_ - . :`` and spaces in a part
+    (``/`` separates parts, so it is replaced as well). The text is NFC-normalised first so
+    the same label typed two ways gives one key.
+    """
+    clean = re.sub(r"[^\w\-. :]", "_", unicodedata.normalize("NFC", str(text)))
+    if set(clean) <= {"."}:  # "", "." and ".." would make the key a path MLflow refuses
+        clean = "_" * max(len(clean), 1)
+    return clean
+
+
+def unique_metric_names(names: Iterable[str], reserved: Iterable[str] = ()) -> dict[str, str]:
+    """``{name: metric_name(name)}``, with distinct names kept distinct.
+
+    A name that :func:`metric_name` changes and whose result collides with another name's,
+    and any name whose key is ``reserved``, gets ``_`` + the first 8 hex digits of its sha256:
+    a suffix that depends on the name alone, so a class keeps its key from run to run. Keys
+    too long for MLflow (250 characters with a prefix) are cut and suffixed the same way.
+    """
+    names = list(dict.fromkeys(str(n) for n in names))
+    clean = {n: metric_name(n) for n in names}
+    taken = set(reserved)
+    counts: dict[str, int] = {}
+    for key in clean.values():
+        counts[key] = counts.get(key, 0) + 1
+    out = {}
+    for name, key in clean.items():
+        clash = (key != name and counts[key] > 1) or key in taken
+        if clash or len(key) > _MAX_KEY_LENGTH - 20:
+            key = f"{key[: _MAX_KEY_LENGTH - 30]}_{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+        out[name] = key
+    if len(set(out.values()) | taken) != len(out) + len(taken):
+        raise ValueError(f"metric names {sorted(out)} do not sanitise to distinct keys: {out}")
+    return out
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -192,20 +304,41 @@ def lineage_tags(plan: Mapping[str, Any] | None = None, raw_dir: str | os.PathLi
 
 
 class RunLogger:
-    """One MLflow run, with every call retried and never fatal. ``enabled=False`` does nothing
-    (non-zero ranks of a distributed run, or ``--no-mlflow``)."""
+    """One MLflow run whose every call is bounded (:func:`bounded_call`). ``enabled=False`` does
+    nothing (non-zero ranks of a distributed run, or ``--no-mlflow``).
+
+    The first call that outlives ``timeout_s`` raises :class:`TrackingUnavailable` and sets
+    :attr:`failure`; from then on metrics are only kept in :attr:`unlogged` (no more waiting),
+    so the caller can save them with its checkpoint and :meth:`flush` them when it resumes.
+    """
 
     def __init__(self, uri: str | None = None, experiment: str = "masksam", enabled: bool = True,
-                 attempts: int = 3, backoff_s: float = 1.0) -> None:
+                 timeout_s: float = DEFAULT_TRACKING_TIMEOUT_S, backoff_s: float = 0.5) -> None:
+        if not timeout_s > 0:
+            raise UserError(f"the tracking timeout must be a positive number of seconds, got {timeout_s}")
         self.enabled = enabled
-        self.attempts, self.backoff_s = attempts, backoff_s
+        self.timeout_s, self.backoff_s = float(timeout_s), backoff_s
         self.uri = tracking_uri(uri)
         self.experiment = experiment
         self.run_id: str | None = None
+        self.failure: TrackingUnavailable | None = None
+        self.unlogged: list[dict[str, Any]] = []
         self._client = None
 
-    def _retry(self, fn, *args, what: str, **kwargs):
-        return retry(fn, *args, what=what, attempts=self.attempts, backoff_s=self.backoff_s, **kwargs)
+    def _call(self, fn: Callable[..., _T], *args: Any, what: str, **kwargs: Any) -> _T | None:
+        """``fn(*args)``, bounded; a refusal by the store is a warning, an outage is raised."""
+        if self.failure is not None:
+            raise self.failure
+        try:
+            return bounded_call(fn, *args, uri=self.uri, timeout_s=self.timeout_s, what=what,
+                                backoff_s=self.backoff_s, **kwargs)
+        except TrackingUnavailable as exc:
+            self.failure = exc
+            raise
+        except Exception as exc:  # the store answered and refused: one lost item, not the run
+            log.warning("%s failed after 1 attempt (refused by %s), continuing without it: %s",
+                        what, self.uri, _first_line(exc))
+            return None
 
     @property
     def client(self):
@@ -222,16 +355,31 @@ class RunLogger:
         check_tracking(self.uri)
         if run_id:
             try:
-                self.client.update_run(run_id, status="RUNNING")
+                bounded_call(self.client.update_run, run_id, status="RUNNING", uri=self.uri,
+                             timeout_s=self.timeout_s, what="reopen run", backoff_s=self.backoff_s)
                 self.run_id = run_id
+            except TrackingUnavailable:
+                raise
             except Exception as exc:
-                log.warning("cannot reopen MLflow run %s (%s); starting a new run", run_id, exc)
+                log.warning("cannot reopen MLflow run %s (%s); starting a new run", run_id, _first_line(exc))
         if self.run_id is None:
-            exp = self.client.get_experiment_by_name(self.experiment)
-            exp_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
-            self.run_id = self.client.create_run(exp_id, run_name=run_name).info.run_id
-        for k, v in (tags or {}).items():
-            self._retry(self.client.set_tag, self.run_id, k, str(v)[:5000], what=f"set_tag {k}")
+            exp = self._call(self.client.get_experiment_by_name, self.experiment, what="get experiment")
+            exp_id = exp.experiment_id if exp else self._call(
+                self.client.create_experiment, self.experiment, what="create experiment")
+            if exp_id is None:
+                raise UserError(f"MLflow at {self.uri} refused to create experiment {self.experiment!r}; "
+                                "pick another --experiment")
+            run = self._call(self.client.create_run, exp_id, run_name=run_name, what="create run")
+            if run is None:
+                raise UserError(f"MLflow at {self.uri} refused to create a run in experiment "
+                                f"{self.experiment!r} (is it deleted? restore it or pick another --experiment)")
+            self.run_id = run.info.run_id
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)[:5000]) for k, v in (tags or {}).items()]
+        for i in range(0, len(items), 100):
+            self._call(self.client.log_batch, self.run_id, tags=items[i:i + 100], synchronous=True,
+                       what="set tags")
         return self.run_id
 
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -244,34 +392,55 @@ class RunLogger:
         existing = self._existing_params()
         items = [p for p in items if p.key not in existing]
         for i in range(0, len(items), 100):
-            self._retry(self.client.log_batch, self.run_id, params=items[i:i + 100], what="log params")
+            self._call(self.client.log_batch, self.run_id, params=items[i:i + 100], synchronous=True,
+                       what="log params")
 
     def _existing_params(self) -> dict[str, str]:
-        run = self._retry(self.client.get_run, self.run_id, what="get_run")
+        run = self._call(self.client.get_run, self.run_id, what="get run")
         return dict(run.data.params) if run else {}
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Log one step's metrics (NaN dropped) synchronously. After an outage they are only
+        kept in :attr:`unlogged`, with their time, for :meth:`flush`."""
         if not self.run_id:
             return
+        values = {str(k): float(v) for k, v in metrics.items() if v == v}  # drop NaN
+        if not values:
+            return
+        entry = {"step": int(step), "timestamp": int(time.time() * 1000), "metrics": values}
+        if self.failure is not None:
+            self.unlogged.append(entry)
+            return
+        try:
+            self._log_entry(entry)
+        except TrackingUnavailable:
+            self.unlogged.append(entry)
+            raise
+
+    def _log_entry(self, entry: Mapping[str, Any]) -> None:
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, int(step)) for k, v in metrics.items() if v == v]  # drop NaN
-        if items:
-            self._retry(self.client.log_batch, self.run_id, metrics=items, what="log metrics")
+        items = [Metric(k, v, entry["timestamp"], entry["step"]) for k, v in entry["metrics"].items()]
+        self._call(self.client.log_batch, self.run_id, metrics=items, synchronous=True, what="log metrics")
+
+    def flush(self) -> None:
+        """Log the metrics kept in :attr:`unlogged` (a resumed run's backlog), oldest first."""
+        while self.run_id and self.unlogged:
+            self._log_entry(self.unlogged[0])
+            self.unlogged.pop(0)
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         if self.run_id and Path(path).exists():
-            self._retry(self.client.log_artifact, self.run_id, str(path), artifact_path, what=f"log artifact {path}")
+            self._call(self.client.log_artifact, self.run_id, str(path), artifact_path, what=f"log artifact {path}")
 
     def log_artifacts(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         if self.run_id and Path(path).is_dir():
-            self._retry(self.client.log_artifacts, self.run_id, str(path), artifact_path, what=f"log artifacts {path}")
+            self._call(self.client.log_artifacts, self.run_id, str(path), artifact_path, what=f"log artifacts {path}")
 
     def set_tag(self, key: str, value: Any) -> None:
         if self.run_id:
-            self._retry(self.client.set_tag, self.run_id, key, str(value), what=f"set_tag {key}")
+            self._call(self.client.set_tag, self.run_id, key, str(value), what=f"set_tag {key}")
 
     def end(self, status: str = "FINISHED") -> None:
         if self.run_id:
-            self._retry(self.client.set_terminated, self.run_id, status, what="end run")
+            self._call(self.client.set_terminated, self.run_id, status, what="end run")

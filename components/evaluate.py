@@ -19,8 +19,8 @@ import logging
 import math
 import multiprocessing
 import os
-import re
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -28,6 +28,8 @@ import numpy as np
 
 from masksam.components import metrics
 from masksam.components._io import atomic_path, image_suffix, read_image, read_json, write_json
+from masksam.components._tracking import metric_name, unique_metric_names
+from masksam.components._scan import read_dataset_json
 from masksam.components.metrics import METRICS, score_case  # noqa: F401  (re-exported API)
 from masksam.errors import UserError
 
@@ -41,8 +43,7 @@ BOX_METRICS = ("Dice", "HD95", "NSD")
 
 def labels_from_dataset_json(path: str | os.PathLike) -> dict[str, int]:
     """Foreground labels (name -> id, background 0 dropped) from an nnU-Net dataset.json."""
-    data = read_json(path, "dataset.json")
-    labels = data.get("labels") if isinstance(data, dict) else None
+    labels = read_dataset_json(path).get("labels")
     if not isinstance(labels, dict) or not labels:
         raise UserError(f"{path}: no 'labels' mapping (name -> integer id, background 0)")
     out: dict[str, int] = {}
@@ -210,6 +211,36 @@ def _json_safe(obj: Any) -> Any:
 # ----------------------------------------------------------------------------- outputs
 
 
+def _writable_folder(folder: Path, what: str) -> None:
+    """Create ``folder`` and write a scratch file in it now, so an output that cannot be written
+    fails before the scoring, as a UserError naming it (not a traceback at the end)."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{what} {folder} is a file, not a folder; give a folder path")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder, prefix=".masksam-write-test-"):
+            pass
+    except OSError as exc:
+        raise UserError(f"cannot write {what} {folder}: {exc.strerror or exc}; choose a folder you can "
+                        "write to") from exc
+
+
+def check_outputs(out_json: str | os.PathLike | None, out_csv: str | os.PathLike | None,
+                  plots_dir: str | os.PathLike | None) -> None:
+    """Refuse, before any scoring, a folder where the summary or CSV file goes, a file where the
+    plots folder goes, and locations that cannot be written."""
+    for path, what, example in ((out_json, "summary file (--out)", "summary.json"),
+                                (out_csv, "per-case CSV (--csv)", "per_case.csv")):
+        if path is None:
+            continue
+        path = Path(path)
+        if path.is_dir():
+            raise UserError(f"{what} {path} is a folder; give the file to write, e.g. {path / example}")
+        _writable_folder(path.absolute().parent, f"folder of the {what}")
+    if plots_dir is not None:
+        _writable_folder(Path(plots_dir), "plots folder (--plots)")
+
+
 def write_csv(summary: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """One row per case and label (long format, ready for pandas)."""
     path = Path(path)
@@ -257,18 +288,23 @@ def write_plots(summary: Mapping[str, Any], out_dir: str | os.PathLike) -> list[
 
 
 def _mlflow_key(*parts: str) -> str:
-    return "/".join(re.sub(r"[^\w\-. ]", "_", p) for p in parts)
+    """``a/b/c`` from parts made MLflow-safe one by one (``/`` inside a part is replaced)."""
+    return "/".join(metric_name(p) for p in parts)
 
 
 def log_to_mlflow(summary: Mapping[str, Any], files: Sequence[Path], prefix: str = "eval") -> None:
     """Log per-label means and foreground means as metrics and the output files as artifacts
-    into the active MLflow run (``{prefix}/{metric}/{label name}``, ``.../foreground_mean``)."""
+    into the active MLflow run (``{prefix}/{metric}/{label name}``, ``.../foreground_mean``).
+    Label names become keys by the rule training uses (``_tracking.unique_metric_names``):
+    characters MLflow refuses are replaced and distinct labels keep distinct keys."""
     import mlflow
 
+    label_names = {label: str(summary["labels"].get(label, label)) for label in summary["mean"]}
+    keys = unique_metric_names(label_names.values(), reserved=("foreground_mean",))
     values: dict[str, float] = {}
     for label, means in summary["mean"].items():
         for m in BOX_METRICS:
-            values[_mlflow_key(prefix, m, summary["labels"].get(label, label))] = means[m]
+            values[_mlflow_key(prefix, m) + "/" + keys[label_names[label]]] = means[m]
     for m in BOX_METRICS:
         values[_mlflow_key(prefix, m, "foreground_mean")] = summary["foreground_mean"][m]
     finite = {k: float(v) for k, v in values.items() if v is not None and math.isfinite(v)}
@@ -319,6 +355,7 @@ def evaluate_folders(
         raise UserError(f"--workers must be at least 1, got {workers}")
     label_ids = sorted(names)
     pairs, missing, extra = match_files(pred_dir, gt_dir)
+    check_outputs(out_json, out_csv, plots_dir)
     if missing:
         log.warning("%d of %d predictions missing in %s (scored as empty): %s",
                     len(missing), len(pairs), pred_dir, ", ".join(missing))
@@ -408,7 +445,7 @@ def evaluate_model(
     from masksam.components.predict import predict
 
     raw, out = Path(raw_dir), Path(out_dir)
-    meta = read_json(raw / "dataset.json", "dataset.json")
+    meta = read_dataset_json(raw / "dataset.json")
     splits = read_json(Path(preprocessed_dir) / "splits.json", "splits file")
     if split == "test":
         cases = list(splits.get("test") or [])
@@ -419,7 +456,7 @@ def evaluate_model(
         raise UserError(f"{preprocessed_dir}/splits.json has no '{split}' cases: raise "
                         "preprocess.test_fraction or record fixed_test_cases in dataset.json")
     fe = meta.get("file_ending", ".nii.gz")
-    out.mkdir(parents=True, exist_ok=True)
+    _writable_folder(out, "output folder (--out-dir)")
     with tempfile.TemporaryDirectory(prefix="masksam-eval-") as tmp:
         images, gt = Path(tmp) / "images", Path(tmp) / "gt"
         images.mkdir()

@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import random
+import tempfile
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -34,7 +35,8 @@ from masksam.components._augment import AugmentConfig
 from masksam.components._checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from masksam.components._io import atomic_path, load_params, read_json, sha256_file, write_json
 from masksam.components._sampler import Case, SlabDataset, StepSampler, make_case
-from masksam.components._tracking import RunLogger, check_tracking, flatten, lineage_tags
+from masksam.components._tracking import (DEFAULT_TRACKING_TIMEOUT_S, RunLogger, TrackingUnavailable,
+                                          check_tracking, flatten, lineage_tags, unique_metric_names)
 from masksam.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -73,6 +75,9 @@ class TrainConfig:
     log_every: int = 1
     experiment: str = "masksam"
     mlflow: bool = True
+    # Longest wait for the MLflow server once training runs: a call still failing after this
+    # long saves checkpoint_last.pt and stops with a --resume hint (see _tracking.RunLogger).
+    tracking_timeout_s: float = DEFAULT_TRACKING_TIMEOUT_S
 
     @classmethod
     def from_params(cls, section: dict[str, Any], where: str = "params.yaml") -> "TrainConfig":
@@ -96,6 +101,9 @@ class TrainConfig:
             raise UserError(f"{where}: train.matching must be one of {MATCHINGS}, got {self.matching!r}")
         if self.lr <= 0:
             raise UserError(f"{where}: train.lr must be positive, got {self.lr}")
+        if not (isinstance(self.tracking_timeout_s, (int, float)) and 0 < self.tracking_timeout_s < math.inf):
+            raise UserError(f"{where}: train.tracking_timeout_s must be a positive number of seconds, "
+                            f"got {self.tracking_timeout_s!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,6 +247,32 @@ def model_config(model_params: dict[str, Any], plan: dict, where: str = "params.
         raise UserError(f"{where}: invalid model: section ({exc})") from exc
 
 
+def prepare_out_dir(out: Path) -> None:
+    """Create the checkpoint directory and write a scratch file in it now, so a file in its
+    place or an unwritable location fails before hours of training, naming ``--out``."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder: training writes a checkpoint folder there. "
+                        "Give a folder path (new or from an earlier training)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out, prefix=".masksam-write-test-"):
+            pass
+    except OSError as exc:
+        raise UserError(f"--out {out} cannot be written ({exc.strerror or exc}); choose a folder you can "
+                        "write to") from exc
+
+
+def validation_metrics(per_class: np.ndarray, mean: float, labels: dict[str, int]) -> dict[str, float]:
+    """``val_dice_{label}`` per foreground class plus ``val_mean_dice``, with label names made
+    into keys MLflow accepts (:func:`~masksam.components._tracking.unique_metric_names`)."""
+    names = {int(v): str(k) for k, v in labels.items()}
+    ordered = [names.get(c + 1, str(c + 1)) for c in range(len(per_class))]
+    keys = unique_metric_names(ordered)
+    metrics = {f"val_dice_{keys[n]}": float(d) for n, d in zip(ordered, per_class)}
+    metrics["val_mean_dice"] = float(mean)
+    return metrics
+
+
 def dice_per_class(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
     """Dice of classes 1..K-1 (NaN where a class is absent from both)."""
     out = np.full(num_classes - 1, np.nan)
@@ -348,6 +382,8 @@ def train(
     device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
     dist = init_distributed(device)
     dtype = resolve_precision(cfg.precision, device)
+    if dist.main:
+        prepare_out_dir(out)
     if dist.main and cfg.mlflow:
         check_tracking(tracking)  # fail now, not after hours of training
     ckpt = None
@@ -360,12 +396,11 @@ def train(
     train_cases = read_cases(pre, train_names, mcfg.num_classes)
     val_cases = read_cases(pre, val_names[: cfg.val_cases or None], mcfg.num_classes) if dist.main else []
 
-    from masksam.model import build_masksam
     from masksam.model.criterion import SetCriterion
     from masksam.model.matcher import FixedMatcher
 
     seed_everything(cfg.seed)
-    model = build_masksam(mcfg, checkpoint=mcfg.checkpoint).to(device)
+    model = _build_model(mcfg).to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     num_points = cfg.num_points or min(112 * 112, mcfg.img_size ** 2 // 4)
     matcher = None
@@ -396,7 +431,10 @@ def train(
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
     # --- outputs and tracking --------------------------------------------------------------
-    tracker = RunLogger(tracking, cfg.experiment, enabled=dist.main and cfg.mlflow)
+    tracker = RunLogger(tracking, cfg.experiment, enabled=dist.main and cfg.mlflow,
+                        timeout_s=cfg.tracking_timeout_s)
+    if ckpt is not None:
+        tracker.unlogged = list(ckpt.get("mlflow_unlogged", []))  # metrics an outage kept back
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in trainable)
     if dist.main:
@@ -405,14 +443,20 @@ def train(
         write_json(out / "plan.json", plan)
         tags = lineage_tags(plan, raw_dir, data_paths=(str(pre),), device=str(device))
         tags.update({"step": "train", "fold": str(cfg.fold), "world_size": str(dist.world)})
-        run_id = tracker.start(f"train-fold{cfg.fold}", tags, run_id=run_id)
         effective = {"train": dataclasses.asdict(cfg), "model": mcfg.to_dict(),
                      "precision_dtype": str(dtype).replace("torch.", ""), "preprocessed": str(pre),
                      "train_cases": len(train_cases), "val_cases": len(val_names),
                      "num_params": n_params, "num_trainable_params": n_train, "loss_num_points": num_points}
-        tracker.log_params({**flatten(params or {}), **flatten(effective, "effective.")})
-        tracker.log_artifact(out / "plan.json")
-        tracker.log_artifact(out / "model_config.json")
+        try:
+            run_id = tracker.start(f"train-fold{cfg.fold}", tags, run_id=run_id)
+            tracker.log_params({**flatten(params or {}), **flatten(effective, "effective.")})
+            tracker.log_artifact(out / "plan.json")
+            tracker.log_artifact(out / "model_config.json")
+            tracker.flush()
+        except TrackingUnavailable as exc:
+            again = f"`masksam train --out {out} --resume`" if resume else "the same command"
+            raise UserError(f"{exc}. Nothing was trained in this run: start the server (or fix "
+                            f"MLFLOW_TRACKING_URI) and run {again} again, or add --no-mlflow") from exc
     log.info("training %s: %d/%d trainable parameters, %d train / %d val cases, %s %s, world %d",
              mcfg.variant, n_train, n_params, len(train_cases), len(val_names), device, dtype, dist.world)
 
@@ -432,6 +476,7 @@ def train(
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
             "step": step, "epoch": step * per_step * dist.world // max(len(train_cases), 1),
             "best_metric": best, "history": history, "mlflow_run_id": run_id,
+            "mlflow_unlogged": tracker.unlogged,
             "model_config": mcfg.to_dict(), "train_config": dataclasses.asdict(cfg),
         }
         save_checkpoint(out / f"checkpoint_{kind}.pt", state)
@@ -476,18 +521,16 @@ def train(
             bar.update(1)
             bar.set_postfix(loss=f"{terms['loss']:.3f}", lr=f"{lr:.2e}")
         if dist.main and (step % cfg.log_every == 0 or step == cfg.steps):
-            tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step)
+            _track(tracker, {k: v for k, v in row.items() if k != "step"}, step)
         validating = step == cfg.steps or (cfg.val_every > 0 and step % cfg.val_every == 0)
         improved = False
         if validating and dist.main and val_cases:
             dice, last_val_labels = validate(model, val_cases, mcfg, device, dtype, cfg.val_overlap)
             per_class = np.nanmean(np.where(np.isnan(dice), np.nan, dice), axis=0) if len(dice) else dice
             mean = float(np.nanmean(per_class)) if np.isfinite(per_class).any() else 0.0
-            names = {v: k for k, v in plan["labels"].items()}
-            val_metrics = {f"val_dice_{names.get(c + 1, c + 1)}": float(d) for c, d in enumerate(per_class)}
-            val_metrics["val_mean_dice"] = mean
+            val_metrics = validation_metrics(per_class, mean, plan["labels"])
             row.update(val_metrics)
-            tracker.log_metrics(val_metrics, step)
+            _track(tracker, val_metrics, step)
             if bar is not None:
                 bar.write(f"step {step}: validation mean Dice {mean:.4f}")
             else:
@@ -498,8 +541,15 @@ def train(
         if improved:
             save("best")
             _save_weights(model.state_dict(), out / "model.safetensors")
-        if dist.main and (step % ckpt_every == 0 or step == cfg.steps):
+        if dist.main and (step % ckpt_every == 0 or step == cfg.steps or tracker.failure is not None):
             save("last")
+        if tracker.failure is not None:
+            raise UserError(
+                f"{tracker.failure}. Training stopped at step {step} of {cfg.steps} and saved "
+                f"{out / 'checkpoint_last.pt'} (with the metrics MLflow did not get); when the server is "
+                f"back, `masksam train --out {out} --resume` (same other options) continues, or add "
+                "--no-mlflow to go on without tracking. Raise train.tracking_timeout_s (--tracking-timeout) "
+                "to wait longer") from tracker.failure
         if (step % ckpt_every == 0 or step == cfg.steps or validating):
             dist.barrier()
     if bar is not None:
@@ -527,23 +577,56 @@ def train(
             "wall_time_s": round(time.time() - start_time, 1), "resumed": bool(resume),
             "world_size": dist.world, "device": str(device), "precision": str(dtype).replace("torch.", ""),
             "hashes": {"model.safetensors": sha256_file(out / "model.safetensors"),
-                       "plan.json": sha256_file(out / "plan.json")},
+                       "plan.json": sha256_file(out / "plan.json"),
+                       "model_config.json": sha256_file(out / "model_config.json")},
         })
         write_json(out / "train_summary.json", summary)
-        tracker.log_metrics({"best_val_mean_dice": best if best >= 0 else float("nan"),
-                             "wall_time_s": summary["wall_time_s"]}, step)
-        for name in ("history.csv", "learning_curve.png", "train_summary.json", "model_config.json"):
-            tracker.log_artifact(out / name)
-        tracker.log_artifacts(out / "overlays", "overlays")
         if params:
             with atomic_path(out / "params.yaml") as tmp:
                 import yaml
 
                 tmp.write_text(yaml.safe_dump(params, sort_keys=False))
-            tracker.log_artifact(out / "params.yaml")
-        tracker.end("FINISHED")
+        try:
+            _log_final(tracker, out, summary, best, step)
+        except TrackingUnavailable as exc:
+            raise UserError(
+                f"{exc}. Training itself finished: {out} holds the final weights and train_summary.json, "
+                f"but MLflow run {run_id} lacks its final metrics and artifacts; when the server is back, "
+                f"`masksam train --out {out} --resume` (same other options) logs them and closes the run") from exc
     dist.barrier()
     return summary
+
+
+def _build_model(mcfg) -> torch.nn.Module:
+    """``build_masksam``, with a SAM checkpoint that is missing, unreadable, not a state dict
+    of tensors (refused by ``torch.load(weights_only=True)``) or of another variant turned into
+    a UserError naming the file."""
+    from masksam.model import CheckpointError, build_masksam
+
+    try:
+        return build_masksam(mcfg, checkpoint=mcfg.checkpoint)
+    except (CheckpointError, FileNotFoundError) as exc:
+        raise UserError(f"--checkpoint / model.checkpoint: {exc}") from exc
+
+
+def _track(tracker: RunLogger, metrics: dict[str, float], step: int) -> None:
+    """Log one step's metrics; an outage is left in ``tracker.failure`` for the step's end, so the
+    step's bookkeeping (history, best weights, checkpoint) completes before training stops."""
+    try:
+        tracker.log_metrics(metrics, step)
+    except TrackingUnavailable:
+        pass
+
+
+def _log_final(tracker: RunLogger, out: Path, summary: dict[str, Any], best: float, step: int) -> None:
+    """The run's closing metrics and artifacts, then its end; each call bounded by the tracker."""
+    tracker.flush()
+    tracker.log_metrics({"best_val_mean_dice": best if best >= 0 else float("nan"),
+                         "wall_time_s": summary["wall_time_s"]}, step)
+    for name in ("history.csv", "learning_curve.png", "train_summary.json", "model_config.json", "params.yaml"):
+        tracker.log_artifact(out / name)
+    tracker.log_artifacts(out / "overlays", "overlays")
+    tracker.end("FINISHED")
 
 
 class _nullcontext:
@@ -566,7 +649,7 @@ def _worker_init(worker_id: int) -> None:
 _MODEL_OPTS = {"variant": str, "img_size": int, "patch_size": int, "slab_depth": int, "num_queries": int, "checkpoint": str}
 _TRAIN_OPTS = {"fold": int, "seed": int, "device": str, "precision": str, "batch_size": int,
                "grad_accum": int, "lr": float, "steps": int, "val_every": int, "num_workers": int,
-               "experiment": str}
+               "experiment": str, "tracking_timeout_s": float}
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -626,6 +709,10 @@ def register_cli(subparsers) -> None:
     p.add_argument("--experiment", help="MLflow experiment name")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    p.add_argument("--tracking-timeout", dest="tracking_timeout_s", type=float, metavar="SECONDS",
+                   help="longest wait for an unreachable MLflow server during training; then the "
+                   f"checkpoint is saved and training stops for --resume (default: train.tracking_timeout_s "
+                   f"or {DEFAULT_TRACKING_TIMEOUT_S:g})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--variant", help="model variant: tiny | vit_b | vit_l | vit_h")
     p.add_argument("--img-size", dest="img_size", type=int, help="in-plane input size (multiple of 16)")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
@@ -84,8 +85,14 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"checkpoint {path} does not exist; give the path of a sam_vit_*.pth file")
     try:
         obj: Any = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, pickle with code, not a torch file ...
-        raise CheckpointError(f"checkpoint {path} cannot be read as a torch state dict ({type(e).__name__}: {e})") from e
+    except pickle.UnpicklingError as e:  # objects other than tensors: refused, none of it ran
+        raise CheckpointError(
+            f"checkpoint {path} holds Python objects other than tensors and was refused (it is read with "
+            "torch.load(weights_only=True), which runs no pickled code); give a state dict of tensors "
+            "such as an official sam_vit_*.pth") from e
+    except Exception as e:  # truncated zip, not a torch file ...
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"checkpoint {path} cannot be read as a torch state dict ({type(e).__name__}: {first})") from e
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
             obj = obj[wrapper]

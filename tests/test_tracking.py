@@ -14,9 +14,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from masksam.components._tracking import (RunLogger, check_tracking, dvc_lock_hashes, flatten,
-                                          lineage_tags, retry, tracking_uri)
+from masksam.components._tracking import (RunLogger, TrackingUnavailable, bounded_call, check_tracking,
+                                          dvc_lock_hashes, flatten, lineage_tags, retry, tracking_uri,
+                                          unique_metric_names)
 from masksam.errors import UserError
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_train import TINY_MODEL, preprocessed, tiny_train  # noqa: E402,F401  (fixture reused)
 
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 MASKSAM = str(Path(sys.executable).with_name("masksam"))
@@ -133,8 +137,6 @@ def test_training_logs_to_real_mlflow_server(tmp_path):
     """A real `mlflow server` on a free port; a short training logs its run there over HTTP."""
     from mlflow.tracking import MlflowClient
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_train import TINY_MODEL, tiny_train  # noqa: E402
     from _delivery_fixtures import write_raw_dataset  # noqa: E402
 
     from masksam.components.preprocess import preprocess_dataset
@@ -176,3 +178,263 @@ def test_training_logs_to_real_mlflow_server(tmp_path):
             server.wait(timeout=20)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+# ---------------------------------------------------------------------------------------------
+# Bounded waits: a tracking server that dies mid-run (issue 14, finding 5)
+# ---------------------------------------------------------------------------------------------
+
+def test_logger_gives_up_on_dead_server_within_its_timeout():
+    """MLflow's own HTTP retries (7, exponential backoff, 120 s timeouts) would wait minutes per
+    call; every RunLogger call is bounded by its timeout, and after an outage it waits no more."""
+    import mlflow.tracking  # noqa: F401  (import time is not the call's)
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    logger = RunLogger(uri, "exp", timeout_s=2.0, backoff_s=0.2)
+    logger.run_id = "0123456789abcdef"  # as if started before the server died
+    t = time.monotonic()
+    with pytest.raises(TrackingUnavailable, match=f"{uri} was unreachable for [23] s"):
+        logger.log_metrics({"loss": 1.0}, 7)
+    assert 2.0 <= time.monotonic() - t < 6
+    assert logger.failure is not None and logger.unlogged[0]["step"] == 7
+    t = time.monotonic()
+    logger.log_metrics({"loss": 0.5}, 8)  # kept for later, no second wait
+    with pytest.raises(TrackingUnavailable):
+        logger.end()
+    assert time.monotonic() - t < 0.5
+    assert [e["step"] for e in logger.unlogged] == [7, 8]
+
+
+def test_bounded_call_retries_transient_errors_and_raises_refusals():
+    from mlflow.exceptions import MlflowException
+
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionError("connection refused")
+        return "ok"
+
+    assert bounded_call(flaky, uri="u", timeout_s=5, what="x", backoff_s=0.01) == "ok" and len(calls) == 3
+
+    def refused():
+        calls.append(1)
+        raise MlflowException.invalid_parameter_value("bad name")
+
+    calls.clear()
+    with pytest.raises(MlflowException, match="bad name"):
+        bounded_call(refused, uri="u", timeout_s=5, what="x", backoff_s=0.01)
+    assert len(calls) == 1  # a refusal is not retried
+
+
+def test_tracking_timeout_is_configurable_and_checked(tmp_path, monkeypatch):
+    """train.tracking_timeout_s in params.yaml and the paper config, --tracking-timeout on the
+    CLI; non-positive values are refused."""
+    import masksam.components.train as train_mod
+    from masksam.cli import main
+    from masksam.components.train import TrainConfig
+
+    repo = Path(__file__).resolve().parents[1]
+    for name in ("params.yaml", "configs/paper_vit_b.yaml"):
+        section = yaml.safe_load((repo / name).read_text())["train"]
+        assert TrainConfig.from_params(section, name).tracking_timeout_s == 120
+    assert TrainConfig().tracking_timeout_s == 120
+    for bad in (0, -1, "soon"):
+        with pytest.raises(UserError, match="tracking_timeout_s must be a positive number"):
+            TrainConfig.from_params({"tracking_timeout_s": bad})
+    with pytest.raises(UserError, match="positive number of seconds"):
+        RunLogger("sqlite:///x.db", timeout_s=0)
+
+    seen = {}
+    monkeypatch.setattr(train_mod, "train", lambda pre, out, model, cfg, **k: seen.update(cfg=cfg) or {})
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"model": {"variant": "tiny"}, "train": {"tracking_timeout_s": 30}}))
+    assert main(["train", "--params", str(params)]) == 0
+    assert seen["cfg"].tracking_timeout_s == 30
+    assert main(["train", "--params", str(params), "--tracking-timeout", "7.5"]) == 0
+    assert seen["cfg"].tracking_timeout_s == 7.5
+
+
+def test_training_saves_checkpoint_and_stops_when_tracking_stays_down_then_resumes(
+        preprocessed, tmp_path, monkeypatch):
+    """The store fails from step 3 on: training stops with a --resume hint after the timeout,
+    its checkpoint holds step 3 and the metrics MLflow did not get; resuming logs every step."""
+    from mlflow.tracking import MlflowClient
+
+    from masksam.components.train import train
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    real_log_batch = MlflowClient.log_batch
+
+    def dies_at_step_3(self, run_id, metrics=(), *args, **kwargs):
+        if any(m.step >= 3 for m in metrics):
+            raise ConnectionError("connection refused")
+        return real_log_batch(self, run_id, metrics, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", dies_at_step_3)
+    out = tmp_path / "train"
+    cfg = tiny_train(steps=5, val_every=0, mlflow=True, tracking_timeout_s=1.0)
+    with pytest.raises(UserError, match=r"unreachable for 1 s.*stopped at step 3 of 5.*--resume") as err:
+        train(preprocessed, out, TINY_MODEL, cfg, tracking=uri, progress=False)
+    assert not isinstance(err.value, TrackingUnavailable)  # the message is training's, with the hint
+    state = torch_load(out / "checkpoint_last.pt")
+    assert state["step"] == 3 and [e["step"] for e in state["mlflow_unlogged"]] == [3]
+    assert not (out / "train_summary.json").exists()
+
+    monkeypatch.setattr(MlflowClient, "log_batch", real_log_batch)
+    summary = train(preprocessed, out, TINY_MODEL, cfg, resume=True, tracking=uri, progress=False)
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and summary["steps"] == 5
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == [1, 2, 3, 4, 5]
+
+
+def torch_load(path: Path) -> dict:
+    import torch
+
+    return torch.load(path, weights_only=True)
+
+
+def _start_server(tmp_path: Path, port: int) -> subprocess.Popen:
+    """`mlflow server` on 127.0.0.1:port over tmp_path's sqlite store, in its own process group
+    (its workers die with it)."""
+    return subprocess.Popen(
+        [MLFLOW, "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _wait_ready(uri: str, server: subprocess.Popen, limit_s: float = 120) -> None:
+    deadline = time.time() + limit_s
+    while True:
+        try:
+            check_tracking(uri, timeout_s=2)
+            return
+        except UserError:
+            if time.time() > deadline or server.poll() is not None:
+                raise
+            time.sleep(0.5)
+
+
+def _kill_group(server: subprocess.Popen) -> None:
+    import signal
+
+    try:
+        os.killpg(server.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    server.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_server_killed_mid_training_fails_within_bound_and_resume_finishes(preprocessed, tmp_path):
+    """A real `mlflow server`, SIGKILLed while the CLI trains: training exits 2 within its
+    --tracking-timeout plus slack, with checkpoint_last.pt saved; the server restarted on the same
+    store, `--resume` finishes the same MLflow run with every step's loss."""
+    from mlflow.tracking import MlflowClient
+
+    port, bound_s, steps = free_port(), 6, 15
+    uri = f"http://127.0.0.1:{port}"
+    out = tmp_path / "train"
+    section = {k: v for k, v in vars(tiny_train(steps=steps, val_every=0, mlflow=True)).items()}
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"preprocess": {"out": str(preprocessed)}, "model": TINY_MODEL,
+                                      "train": {**section, "out": str(out)}}))
+    cmd = [MASKSAM, "train", "--params", str(params), "--no-progress", "--tracking-uri", uri,
+           "--tracking-timeout", str(bound_s)]
+    server = _start_server(tmp_path, port)
+    try:
+        _wait_ready(uri, server)
+        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        client = MlflowClient(tracking_uri=uri)
+        deadline = time.time() + 120
+        while proc.poll() is None and time.time() < deadline:
+            runs = client.search_runs(client.get_experiment_by_name("masksam").experiment_id) \
+                if client.get_experiment_by_name("masksam") else []
+            if runs and len(client.get_metric_history(runs[0].info.run_id, "loss")) >= 2:
+                break
+            time.sleep(0.2)
+        _kill_group(server)
+        killed = time.monotonic()
+        _, err = proc.communicate(timeout=bound_s + 60)
+        took = time.monotonic() - killed
+        assert proc.returncode == 2, err[-3000:]
+        assert took < bound_s + 20, f"training took {took:.0f} s to give up (bound {bound_s} s)"
+        assert f"{uri} was unreachable for" in err and "--resume" in err, err[-2000:]
+        stopped_at = torch_load(out / "checkpoint_last.pt")["step"]
+        assert 2 <= stopped_at < steps
+
+        server = _start_server(tmp_path, port)  # same store
+        _wait_ready(uri, server)
+        res = subprocess.run(cmd + ["--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        summary = yaml.safe_load((out / "train_summary.json").read_text())
+        run = MlflowClient(tracking_uri=uri).get_run(summary["mlflow_run_id"])
+        assert run.info.status == "FINISHED" and summary["steps"] == steps
+        logged = {m.step for m in MlflowClient(tracking_uri=uri).get_metric_history(run.info.run_id, "loss")}
+        assert logged == set(range(1, steps + 1))
+    finally:
+        _kill_group(server)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metric names: one rule, MLflow-safe, distinct (issue 14, finding 7)
+# ---------------------------------------------------------------------------------------------
+
+ODD_LABELS = {"background": 0, "kidney (left)": 1, "rein gauche é": 2, "kidney [left]": 3, "a/b": 4,
+              "..": 5, "liver": 6}
+
+
+def test_unique_metric_names_are_safe_stable_and_distinct():
+    keys = unique_metric_names(list(ODD_LABELS)[1:])
+    assert keys["liver"] == "liver" and keys["rein gauche é"] == "rein gauche é"
+    assert keys["kidney (left)"].startswith("kidney _left__") and keys["kidney [left]"].startswith("kidney _left__")
+    assert len(set(keys.values())) == len(keys)
+    assert keys["a/b"] == "a_b" and keys[".."] == "__"
+    assert unique_metric_names(["kidney [left]", "kidney (left)"]) == {k: keys[k] for k in ("kidney [left]", "kidney (left)")}
+    assert unique_metric_names(["kidney (left)"]) == {"kidney (left)": "kidney _left_"}
+    assert unique_metric_names(["foreground_mean"], reserved=["foreground_mean"])["foreground_mean"] != "foreground_mean"
+
+
+def test_validation_metrics_with_odd_label_names_all_reach_sqlite_store(tmp_path):
+    """Training's validation Dice for labels with parentheses, unicode, slashes: MLflow used to
+    refuse the whole batch (val_mean_dice included)."""
+    import numpy as np
+    from mlflow.tracking import MlflowClient
+
+    from masksam.components.train import validation_metrics
+
+    per_class = np.linspace(0.1, 0.6, len(ODD_LABELS) - 1)
+    metrics = validation_metrics(per_class, 0.35, ODD_LABELS)
+    assert len(metrics) == len(ODD_LABELS)  # one per foreground class, plus the mean
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    logger = RunLogger(uri, "exp")
+    logger.start("r")
+    logger.log_metrics(metrics, 2)
+    stored = MlflowClient(tracking_uri=uri).get_run(logger.run_id).data.metrics
+    assert stored == pytest.approx(metrics)
+    assert stored["val_mean_dice"] == 0.35
+
+
+def test_evaluate_logs_every_label_with_odd_names_to_sqlite_store(tmp_path, monkeypatch):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from masksam.components.evaluate import BOX_METRICS, log_to_mlflow
+
+    labels = {str(v): k for k, v in ODD_LABELS.items() if v}
+    summary = {"labels": labels,
+               "mean": {k: {m: 0.5 + int(k) / 100 for m in BOX_METRICS} for k in labels},
+               "foreground_mean": {m: 0.5 for m in BOX_METRICS}}
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run() as run:
+        log_to_mlflow(summary, [])
+    stored = MlflowClient(tracking_uri=uri).get_run(run.info.run_id).data.metrics
+    assert len(stored) == len(BOX_METRICS) * (len(labels) + 1)
+    assert sorted(stored.values()) == sorted([0.5 + int(k) / 100 for k in labels for _ in BOX_METRICS]
+                                             + [0.5] * len(BOX_METRICS))
+    assert stored["eval/Dice/rein gauche é"] == pytest.approx(0.52)
