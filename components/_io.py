@@ -70,12 +70,13 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _refuse_kind_mismatch(path: Path, kind: str | None) -> None:
+def _refuse_kind_mismatch(path: Path, kind: str | None, what: str | None = None) -> None:
+    named = f"{what} {path}" if what else str(path)
     if kind == "file" and path.is_dir():
-        raise UserError(f"{path} is a folder, but a file is written here; give a file path "
+        raise UserError(f"{named} is a folder, but a file is written here; give a file path "
                         f"(e.g. {path / 'report.txt'}) or remove the folder")
     if kind == "dir" and path.exists() and not path.is_dir():
-        raise UserError(f"{path} is a file, but this step writes a folder there; refusing to "
+        raise UserError(f"{named} is a file, but this step writes a folder there; refusing to "
                         "replace the file: choose a folder path")
 
 
@@ -209,7 +210,7 @@ def check_output_dir(path: str | os.PathLike, step: str, *,
     """
     path = Path(path)
     _overlap(path, inputs, what)
-    _refuse_kind_mismatch(path, "dir")
+    _refuse_kind_mismatch(path, "dir", what)
     _check_parent_writable(path, what)
     if not path.is_dir():
         return path
@@ -253,7 +254,7 @@ def check_output_file(path: str | os.PathLike, *, inputs: Sequence[str | os.Path
     """Refuse a folder where a file is written, or a file that is or lies inside an input."""
     path = Path(path)
     _overlap(path, inputs, what)
-    _refuse_kind_mismatch(path, "file")
+    _refuse_kind_mismatch(path, "file", what)
     _check_parent_writable(path, what)
     return path
 

@@ -98,20 +98,6 @@ def check_tracking(uri: str | None = None, timeout_s: float = 5.0) -> str:
     return uri
 
 
-def retry(fn: Callable[..., _T], *args: Any, what: str = "MLflow call", attempts: int = 3,
-          backoff_s: float = 1.0, **kwargs: Any) -> _T | None:
-    """Call ``fn``; on failure retry with exponential backoff, then warn and return None."""
-    for attempt in range(1, attempts + 1):
-        try:
-            return fn(*args, **kwargs)
-        except Exception as exc:  # logging must never end a training run
-            if attempt == attempts:
-                log.warning("%s failed after %d attempts, continuing without it: %s", what, attempts, exc)
-                return None
-            time.sleep(backoff_s * 2 ** (attempt - 1))
-    return None
-
-
 class TrackingUnavailable(UserError):
     """The tracking store stayed unreachable for a whole bounded wait (see :func:`bounded_call`)."""
 

@@ -27,7 +27,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from masksam.components import metrics
-from masksam.components._io import atomic_path, image_suffix, read_image, read_json, write_json
+from masksam.components._io import atomic_path, image_suffix, owned_output_dir, read_image, read_json, write_json
 from masksam.components._tracking import metric_name, unique_metric_names
 from masksam.components._scan import read_dataset_json
 from masksam.components.metrics import METRICS, score_case  # noqa: F401  (re-exported API)
@@ -430,6 +430,7 @@ def evaluate_model(
     workers: int = 1,
     mlflow_log: bool | None = None,
     progress: bool = True,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Pipeline mode: predict the held-out cases of ``splits.json`` with ``model``, then score them.
 
@@ -439,6 +440,9 @@ def evaluate_model(
     ``per_case.csv``, ``plots/``, ``metrics.json`` (flat, for ``dvc metrics``) and
     ``per_class.csv`` (for ``dvc plots``). With a training directory as ``model``, metrics are
     logged into that training's MLflow run (``test/...``), so one run holds the whole story.
+    ``out_dir`` is written whole, atomically, and replaces only an earlier evaluate output
+    (or any folder with ``force``); it never overlaps the raw data, the preprocessed data or
+    the model.
     """
     import tempfile
 
@@ -456,8 +460,10 @@ def evaluate_model(
         raise UserError(f"{preprocessed_dir}/splits.json has no '{split}' cases: raise "
                         "preprocess.test_fraction or record fixed_test_cases in dataset.json")
     fe = meta.get("file_ending", ".nii.gz")
-    _writable_folder(out, "output folder (--out-dir)")
-    with tempfile.TemporaryDirectory(prefix="masksam-eval-") as tmp:
+    local_model = (Path(model),) if Path(str(model)).exists() else ()
+    with owned_output_dir(out, "evaluate", inputs=(raw, Path(preprocessed_dir), *local_model), force=force,
+                          what="output folder (--out-dir)") as staged, \
+            tempfile.TemporaryDirectory(prefix="masksam-eval-") as tmp:
         images, gt = Path(tmp) / "images", Path(tmp) / "gt"
         images.mkdir()
         gt.mkdir()
@@ -470,34 +476,38 @@ def evaluate_model(
             for channel in channels:
                 os.symlink(channel.resolve(), images / channel.name)
             os.symlink(label.resolve(), gt / label.name)
-        with atomic_path(out / "predictions") as pred_tmp:
-            outcomes = predict(images, pred_tmp, model, device=device, mirror=mirror, workers=1,
-                               progress=progress)
-            failed = [o for o in outcomes if not o.ok]
-            if failed:
-                raise UserError("prediction failed for " + "; ".join(f"{o.case}: {o.error}" for o in failed))
+        outcomes = predict(images, staged / "predictions", model, device=device, mirror=mirror, workers=1,
+                           progress=progress)
+        failed = [o for o in outcomes if not o.ok]
+        if failed:
+            raise UserError("prediction failed for " + "; ".join(f"{o.case}: {o.error}" for o in failed))
         summary = evaluate_folders(
-            out / "predictions", gt, meta["labels"], tolerance_mm=tolerance_mm,
-            hd_convention=hd_convention, workers=workers, out_json=out / "summary.json",
-            out_csv=out / "per_case.csv", plots_dir=out / "plots", mlflow_log=False)
-    # reference_file points into the temporary staging folder: name the raw file instead.
-    for entry in summary["metric_per_case"]:
-        entry["reference_file"] = str(raw / "labelsTr" / f"{entry['case']}{fe}")
-    summary["split"] = split
-    summary["model"] = str(model)
-    write_json(out / "summary.json", _json_safe(summary))
-    flat = {
-        "split": split,
-        "n_cases": summary["n_cases"],
-        "foreground_mean": _json_safe(summary["foreground_mean"]),
-        "per_class": {summary["labels"][k]: _json_safe(v) for k, v in summary["mean"].items()},
-    }
-    write_json(out / "metrics.json", flat)
-    with atomic_path(out / "per_class.csv") as tmp_csv, open(tmp_csv, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["class", *BOX_METRICS])
-        for name, values in flat["per_class"].items():
-            writer.writerow([name, *[values.get(m) for m in BOX_METRICS]])
+            staged / "predictions", gt, meta["labels"], tolerance_mm=tolerance_mm,
+            hd_convention=hd_convention, workers=workers, out_json=None, out_csv=None,
+            plots_dir=staged / "plots", mlflow_log=False)
+        # name the files where they will be once the staged folder is in place: the raw
+        # reference, not the temporary link to it, and the prediction under OUT
+        for entry in summary["metric_per_case"]:
+            entry["reference_file"] = str(raw / "labelsTr" / f"{entry['case']}{fe}")
+            entry["prediction_file"] = str(out / "predictions" / Path(entry["prediction_file"]).name)
+        summary["prediction_folder"] = str(out / "predictions")
+        summary["reference_folder"] = str(raw / "labelsTr")
+        summary["split"] = split
+        summary["model"] = str(model)
+        write_json(staged / "summary.json", _json_safe(summary))
+        write_csv(summary, staged / "per_case.csv")
+        flat = {
+            "split": split,
+            "n_cases": summary["n_cases"],
+            "foreground_mean": _json_safe(summary["foreground_mean"]),
+            "per_class": {summary["labels"][k]: _json_safe(v) for k, v in summary["mean"].items()},
+        }
+        write_json(staged / "metrics.json", flat)
+        with open(staged / "per_class.csv", "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["class", *BOX_METRICS])
+            for name, values in flat["per_class"].items():
+                writer.writerow([name, *[values.get(m) for m in BOX_METRICS]])
     files = [out / "summary.json", out / "per_case.csv", out / "metrics.json", out / "per_class.csv",
              *sorted((out / "plots").glob("*.png"))]
     _log_into_training_run(model, summary, files, mlflow_log)
@@ -516,10 +526,15 @@ def _log_into_training_run(model: str | os.PathLike, summary: Mapping[str, Any],
         return
     import mlflow
 
-    from masksam.components._tracking import retry
+    from masksam.components._tracking import DEFAULT_TRACKING_TIMEOUT_S, bounded_call
 
-    with mlflow.start_run(run_id=run_id):
-        retry(log_to_mlflow, summary, files, prefix="test", what="logging test metrics to MLflow")
+    def log_into_run() -> None:
+        with mlflow.start_run(run_id=run_id):
+            log_to_mlflow(summary, files, prefix="test")
+
+    # bounded like training's own calls: a dead server is an error within minutes, not a hang
+    bounded_call(log_into_run, uri=mlflow.get_tracking_uri(), timeout_s=DEFAULT_TRACKING_TIMEOUT_S,
+                 what=f"logging test metrics into training run {run_id}")
 
 
 def _start_method() -> str:
@@ -594,7 +609,7 @@ def _run_pipeline_mode(args: argparse.Namespace) -> int:
     summary = evaluate_model(args.model, raw, pre, out_dir, split=args.split, tolerance_mm=tolerance,
                              hd_convention=args.hd_convention, device=args.device, mirror=args.mirror,
                              workers=args.workers, mlflow_log=False if args.no_mlflow else None,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, force=args.force)
     fm = summary["foreground_mean"]
     print(f"{summary['n_cases']} {args.split} cases: foreground mean Dice {fm['Dice']:.4f}, "
           f"HD95 {fm['HD95']:.2f} mm, NSD {fm['NSD']:.4f}; wrote {out_dir}")
@@ -655,4 +670,6 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     pipe.add_argument("--no-mlflow", action="store_true", help="do not log the test metrics to the "
                       "training's MLflow run")
     pipe.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
+    pipe.add_argument("--force", action="store_true", help="replace --out-dir even when it holds files "
+                      "masksam evaluate did not write (by default only its own earlier output is replaced)")
     p.set_defaults(func=_run_cli)

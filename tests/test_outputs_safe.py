@@ -310,3 +310,37 @@ def test_workers_die_with_a_sigkilled_parent_and_the_next_run_cleans_up(big_raw,
     left = _temps(tmp_path)
     assert len(left) == 1 and f"-{proc.pid}-" in left[0]  # the killed run's, named by its pid
     assert [p.name for p in remove_stale_temps(out)] == left and _temps(tmp_path) == []
+
+
+def test_evaluate_pipeline_output_is_owned_atomic_and_names_files_that_exist(tmp_path, train_dir, preprocessed):  # noqa: F811
+    """evaluate --out-dir: a foreign folder is refused and left as it was; the written summary
+    and per-case CSV name files that exist (the raw references, the predictions under OUT);
+    a rerun replaces its own output."""
+    import csv
+
+    from masksam.components.evaluate import evaluate_model
+
+    raw = preprocessed.parent / "raw"
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "predictions").mkdir()
+    (out / "predictions" / "mine.txt").write_text("keep")
+    with pytest.raises(UserError, match="refusing to replace it"):
+        evaluate_model(train_dir, raw, preprocessed, out, progress=False, mlflow_log=False)
+    assert (out / "predictions" / "mine.txt").read_text() == "keep"
+    with pytest.raises(UserError, match="overlaps"):
+        evaluate_model(train_dir, raw, preprocessed, raw / "eval", progress=False, mlflow_log=False)
+
+    out = tmp_path / "eval2"
+    for _ in range(2):  # the second run replaces the first run's output
+        summary = evaluate_model(train_dir, raw, preprocessed, out, progress=False, mlflow_log=False)
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["n_cases"] == summary["n_cases"] >= 1
+    for entry in saved["metric_per_case"]:
+        assert Path(entry["prediction_file"]).is_file() and Path(entry["prediction_file"]).parent == out / "predictions"
+        assert Path(entry["reference_file"]).is_file() and Path(entry["reference_file"]).parent == raw / "labelsTr"
+    with open(out / "per_case.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows and all(Path(r["prediction_file"]).is_file() and Path(r["reference_file"]).is_file() for r in rows)
+    assert Path(saved["reference_folder"]) == raw / "labelsTr"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".eval2.")], "temporary left behind"

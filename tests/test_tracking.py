@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from masksam.components._tracking import (RunLogger, TrackingUnavailable, bounded_call, check_tracking,
-                                          dvc_lock_hashes, flatten, lineage_tags, retry, tracking_uri,
+                                          dvc_lock_hashes, flatten, lineage_tags, tracking_uri,
                                           unique_metric_names)
 from masksam.errors import UserError
 
@@ -84,21 +84,6 @@ def test_default_uri(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://x:5000")
     assert tracking_uri() == "http://x:5000"
     assert tracking_uri("sqlite:///a.db") == "sqlite:///a.db"
-
-
-def test_retry_recovers_then_gives_up_with_warning(caplog):
-    calls = []
-
-    def flaky():
-        calls.append(1)
-        if len(calls) < 3:
-            raise ConnectionError("transient")
-        return "ok"
-
-    assert retry(flaky, attempts=3, backoff_s=0.01) == "ok" and len(calls) == 3
-    with caplog.at_level(logging.WARNING):
-        assert retry(lambda: 1 / 0, what="log metrics", attempts=2, backoff_s=0.01) is None
-    assert "log metrics failed after 2 attempts" in caplog.text
 
 
 def test_logging_failure_never_raises(tmp_path, caplog):
