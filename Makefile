@@ -1,12 +1,12 @@
 # Two commands run everything (see README Quickstart):
 #   make repro   create .venv, install, run the whole pipeline with `dvc repro` (the demo)
-#   make test    create .venv, install, run the test suite (what CI runs)
+#   make test    create .venv, install, run the fast suite, then the slow end-to-end suite (what CI runs)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup repro test test-all lint bench clean
+.PHONY: setup repro test test-fast test-slow lint bench clean
 
 # The install is one step, the same as the Dockerfile's (minus the GPU wheels).
 $(VENV)/.installed: pyproject.toml
@@ -19,12 +19,15 @@ setup: $(VENV)/.installed
 repro: setup
 	$(BIN)/dvc repro
 
-test: setup
+# The fast suite first (it fails in a minute or two), then the end-to-end runs of minutes
+# (dvc repro, kfp.local, torchrun, mlflow server, serving, the installed package).
+test: test-fast test-slow
+
+test-fast: setup
 	$(BIN)/pytest -m "not slow and not gpu"
 
-# Everything, the end-to-end runs of minutes included.
-test-all: setup
-	$(BIN)/pytest -m "not gpu"
+test-slow: setup
+	$(BIN)/pytest -m "slow and not gpu"
 
 bench: setup
 	$(BIN)/python bench/preprocess.py

@@ -45,7 +45,7 @@ def dvc_repo(tmp_path: Path) -> tuple[Path, dict]:
     for name in ("dvc.yaml", ".dvcignore"):
         shutil.copy(ROOT / name, repo / name)
     # The code folders are stage dependencies; the code that runs is the installed package.
-    for folder in ("model", "components"):
+    for folder in ("masksam", "model", "components"):
         shutil.copytree(ROOT / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
     (repo / "params.yaml").write_text(yaml.safe_dump(_tiny_params(), sort_keys=False))
     (repo / ".gitignore").write_text("mlflow.db\nmlruns/\n")
@@ -82,6 +82,16 @@ def test_dvc_repro_end_to_end_noop_and_param_change(dvc_repo: tuple[Path, dict],
     # Nothing changed: a no-op.
     again = _run([dvc, "repro"], repo, env)
     assert _ran_stages(again) == set(), again
+
+    # Code deps: a change in the probability resampling makes evaluate stale, a change in
+    # predict.py makes register stale (its model ships and runs that code).
+    for source, stage in (("components/_resample.py", "evaluate"), ("components/predict.py", "register")):
+        original = (repo / source).read_text()
+        (repo / source).write_text(original + "\n# edited\n")
+        stale = json.loads(_run([dvc, "status", "--json"], repo, env))
+        assert stage in stale, f"editing {source} left '{stage}' up to date: {stale}"
+        (repo / source).write_text(original)
+    assert json.loads(_run([dvc, "status", "--json"], repo, env)) == {}
 
     # A training parameter reruns training and what depends on it, nothing upstream.
     _run([dvc, "exp", "run", "-S", "train.lr=0.0005", "--name", "lr-half"], repo, env)
