@@ -249,6 +249,22 @@ def owned_output_dir(path: str | os.PathLike, step: str, *,
              "when it reruns this step; delete it to protect the folder"}, indent=2) + "\n")
 
 
+def ensure_writable_dir(folder: str | os.PathLike, what: str) -> Path:
+    """Create ``folder`` and write a scratch file in it now, so an output that cannot be written
+    fails before the work, as a UserError naming ``what`` (not a traceback at the end)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{what} {folder} is a file, not a folder; give a folder path")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder, prefix=".masksam-write-test-"):
+            pass
+    except OSError as exc:
+        raise UserError(f"{what} {folder} cannot be written ({exc.strerror or exc}); choose a folder "
+                        "you can write to") from exc
+    return folder
+
+
 def check_output_file(path: str | os.PathLike, *, inputs: Sequence[str | os.PathLike | None] = (),
                       what: str = "output file") -> Path:
     """Refuse a folder where a file is written, or a file that is or lies inside an input."""

@@ -18,7 +18,6 @@ File names read from these records stay inside their folder (no absolute paths, 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -27,11 +26,12 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 
 from masksam.components._io import read_json, sha256_file
+from masksam.components._tracking import first_line, temporary_env
 from masksam.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -530,24 +530,9 @@ class RegistryRecord:
         return f"models:/{self.name}/{self.version}"
 
 
-@contextlib.contextmanager
-def bounded_http() -> Iterator[None]:
-    """Set :data:`REGISTRY_HTTP_ENV` for the duration of a call (MLflow reads it per request)."""
-    old = {k: os.environ.get(k) for k in REGISTRY_HTTP_ENV}
-    os.environ.update(REGISTRY_HTTP_ENV)
-    try:
-        yield
-    finally:
-        for key, value in old.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
+def bounded_http():
+    """:data:`REGISTRY_HTTP_ENV` for the duration of a call (MLflow reads it per request)."""
+    return temporary_env(**REGISTRY_HTTP_ENV)
 
 
 def registry_record(uri: str) -> RegistryRecord:
@@ -574,7 +559,7 @@ def registry_record(uri: str) -> RegistryRecord:
                 version = client.get_model_version(name, number)
     except Exception as exc:  # MlflowException, connection errors, timeouts
         raise UserError(f"{uri}: cannot look the model up in the registry at {server} "
-                        f"({_first_line(exc)}); start the server, fix MLFLOW_TRACKING_URI, or check "
+                        f"({first_line(exc)}); start the server, fix MLFLOW_TRACKING_URI, or check "
                         "the model name/alias") from exc
     return RegistryRecord(name=name, version=str(version.version), tags=dict(version.tags or {}))
 
@@ -635,7 +620,7 @@ def download_model(uri: str, dst: str | os.PathLike) -> tuple[Path, dict[str, st
             with bounded_http():  # the version, not the alias: it may move meanwhile
                 mlflow.artifacts.download_artifacts(artifact_uri=record.uri, dst_path=str(tmp))
         except Exception as exc:  # MlflowException, connection errors
-            raise UserError(f"{uri}: cannot download it from {_tracking_uri()} ({_first_line(exc)}); "
+            raise UserError(f"{uri}: cannot download it from {_tracking_uri()} ({first_line(exc)}); "
                             "check MLFLOW_TRACKING_URI and the model name/alias") from exc
         verified = verify_model_folder(tmp, record)
         if dst.exists():

@@ -53,7 +53,7 @@ def tracking_uri(uri: str | None = None) -> str:
 
 
 @contextlib.contextmanager
-def _env(**values: str) -> Iterator[None]:
+def temporary_env(**values: str) -> Iterator[None]:
     """Temporarily set environment variables (MLflow reads its HTTP settings per request)."""
     old = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
@@ -67,7 +67,7 @@ def _env(**values: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _first_line(exc: BaseException, limit: int = 300) -> str:
+def first_line(exc: BaseException, limit: int = 300) -> str:
     """The first line of an exception's message (MLflow's run to pages), or its type's name."""
     text = str(exc).strip()
     return text.splitlines()[0][:limit] if text else type(exc).__name__
@@ -86,13 +86,13 @@ def check_tracking(uri: str | None = None, timeout_s: float = 5.0) -> str:
         if db.parent and not db.parent.exists():
             raise UserError(f"MLflow tracking URI {uri}: folder {db.parent} does not exist "
                             "(create it or set MLFLOW_TRACKING_URI)")
-    with _env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=str(int(max(timeout_s, 1))),
+    with temporary_env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=str(int(max(timeout_s, 1))),
               MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="0"):
         try:
             MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
         except Exception as exc:  # connection refused, DNS, timeout, bad scheme, locked DB...
             raise UserError(
-                f"MLflow tracking server {uri} cannot be reached ({_first_line(exc)}). Start it, fix "
+                f"MLflow tracking server {uri} cannot be reached ({first_line(exc)}). Start it, fix "
                 "MLFLOW_TRACKING_URI, or unset it to log to the local sqlite:///mlflow.db"
             ) from exc
     return uri
@@ -104,7 +104,7 @@ class TrackingUnavailable(UserError):
     def __init__(self, uri: str, waited_s: float, what: str, cause: BaseException) -> None:
         self.uri, self.waited_s, self.what = uri, waited_s, what
         super().__init__(f"MLflow tracking server {uri} was unreachable for {waited_s:.0f} s "
-                         f"({what}: {_first_line(cause)})")
+                         f"({what}: {first_line(cause)})")
 
 
 def _is_refusal(exc: BaseException) -> bool:
@@ -119,7 +119,7 @@ def _is_refusal(exc: BaseException) -> bool:
 
 def _http_limits(timeout_s: float) -> contextlib.AbstractContextManager:
     """MLflow HTTP settings for one attempt: no retries of its own, at most ``timeout_s``."""
-    return _env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="0",
+    return temporary_env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="0",
                 MLFLOW_HTTP_REQUEST_TIMEOUT=str(max(1, math.ceil(min(timeout_s, _ATTEMPT_TIMEOUT_S)))))
 
 
@@ -147,7 +147,7 @@ def bounded_call(fn: Callable[..., _T], *args: Any, uri: str, timeout_s: float, 
                 raise TrackingUnavailable(uri, waited, what, exc) from exc
             if delay == backoff_s:
                 log.warning("%s: MLflow at %s did not answer (%s); retrying for up to %.0f s",
-                            what, uri, _first_line(exc, 200), timeout_s)
+                            what, uri, first_line(exc, 200), timeout_s)
             time.sleep(min(delay, max(timeout_s - waited, 0.0)))
             delay = min(delay * 2, _MAX_BACKOFF_S)
 
@@ -323,7 +323,7 @@ class RunLogger:
             raise
         except Exception as exc:  # the store answered and refused: one lost item, not the run
             log.warning("%s failed after 1 attempt (refused by %s), continuing without it: %s",
-                        what, self.uri, _first_line(exc))
+                        what, self.uri, first_line(exc))
             return None
 
     @property
@@ -347,7 +347,7 @@ class RunLogger:
             except TrackingUnavailable:
                 raise
             except Exception as exc:
-                log.warning("cannot reopen MLflow run %s (%s); starting a new run", run_id, _first_line(exc))
+                log.warning("cannot reopen MLflow run %s (%s); starting a new run", run_id, first_line(exc))
         if self.run_id is None:
             exp = self._call(self.client.get_experiment_by_name, self.experiment, what="get experiment")
             exp_id = exp.experiment_id if exp else self._call(

@@ -27,7 +27,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from masksam.components import metrics
-from masksam.components._io import atomic_path, image_suffix, owned_output_dir, read_image, read_json, write_json
+from masksam.components._io import atomic_path, ensure_writable_dir, image_suffix, owned_output_dir, read_image, read_json, write_json
 from masksam.components._tracking import metric_name, unique_metric_names
 from masksam.components._scan import read_dataset_json
 from masksam.components.metrics import METRICS, score_case  # noqa: F401  (re-exported API)
@@ -211,20 +211,6 @@ def _json_safe(obj: Any) -> Any:
 # ----------------------------------------------------------------------------- outputs
 
 
-def _writable_folder(folder: Path, what: str) -> None:
-    """Create ``folder`` and write a scratch file in it now, so an output that cannot be written
-    fails before the scoring, as a UserError naming it (not a traceback at the end)."""
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"{what} {folder} is a file, not a folder; give a folder path")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder, prefix=".masksam-write-test-"):
-            pass
-    except OSError as exc:
-        raise UserError(f"cannot write {what} {folder}: {exc.strerror or exc}; choose a folder you can "
-                        "write to") from exc
-
-
 def check_outputs(out_json: str | os.PathLike | None, out_csv: str | os.PathLike | None,
                   plots_dir: str | os.PathLike | None) -> None:
     """Refuse, before any scoring, a folder where the summary or CSV file goes, a file where the
@@ -236,9 +222,9 @@ def check_outputs(out_json: str | os.PathLike | None, out_csv: str | os.PathLike
         path = Path(path)
         if path.is_dir():
             raise UserError(f"{what} {path} is a folder; give the file to write, e.g. {path / example}")
-        _writable_folder(path.absolute().parent, f"folder of the {what}")
+        ensure_writable_dir(path.absolute().parent, f"folder of the {what}")
     if plots_dir is not None:
-        _writable_folder(Path(plots_dir), "plots folder (--plots)")
+        ensure_writable_dir(Path(plots_dir), "plots folder (--plots)")
 
 
 def write_csv(summary: Mapping[str, Any], path: str | os.PathLike) -> Path:
@@ -444,8 +430,6 @@ def evaluate_model(
     (or any folder with ``force``); it never overlaps the raw data, the preprocessed data or
     the model.
     """
-    import tempfile
-
     from masksam.components.predict import predict
 
     raw, out = Path(raw_dir), Path(out_dir)

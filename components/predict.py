@@ -17,7 +17,6 @@ import contextlib
 import logging
 import os
 import re
-import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,7 +25,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from masksam.components._io import IMAGE_SUFFIXES, image_suffix, read_image, write_image, write_json
+from masksam.components._io import (IMAGE_SUFFIXES, ensure_writable_dir, image_suffix, read_image, write_image,
+                                    write_json)
 from masksam.components._loading import DEVICES, LoadedModel, load_model
 from masksam.errors import UserError
 
@@ -144,22 +144,6 @@ def _targets(scan: Scan, out: Path, out_format: str | None) -> tuple[Path, Path]
     return out / f"{scan.case}{suffix}", out / f"{scan.case}.json"
 
 
-def _output_folder(out: str | os.PathLike) -> Path:
-    """Create the output folder and make sure files can be written into it (a UserError, before
-    any scan is read, instead of a traceback or one failure per scan)."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"-o {out}: exists and is not a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out, prefix=".masksam-write-test-"):
-            pass
-    except OSError as exc:
-        raise UserError(f"-o {out}: cannot write into this folder ({exc.strerror or exc}); choose a "
-                        "writable output folder") from exc
-    return out
-
-
 def _refuse_overwriting_inputs(scans: list[Scan], ignored: list[Path], out: Path,
                                out_format: str | None) -> None:
     """Predict never writes over a file it was given: an output (label map or JSON summary)
@@ -237,7 +221,7 @@ def predict(src: str | os.PathLike, out: str | os.PathLike, model: str | os.Path
         raise UserError(f"--format {out_format!r}: choose one of {', '.join(FORMATS)}")
     if not Path(src).exists():
         raise UserError(f"-i {src}: no such file or folder")
-    out = _output_folder(out)  # before the model loads: an unusable -o fails in seconds
+    out = ensure_writable_dir(out, "-o")  # before the model loads: an unusable -o fails in seconds
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, threads=threads)
     n_channels = len(loaded.plan.get("channel_names", {"0": "CT"}))
     scans, ignored = find_scans(src, n_channels)

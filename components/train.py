@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import random
-import tempfile
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -33,7 +32,7 @@ import torch
 
 from masksam.components._augment import AugmentConfig
 from masksam.components._checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from masksam.components._io import atomic_path, load_params, read_json, sha256_file, write_json
+from masksam.components._io import atomic_path, ensure_writable_dir, load_params, read_json, sha256_file, write_json
 from masksam.components._sampler import Case, SlabDataset, StepSampler, make_case
 from masksam.components._tracking import (DEFAULT_TRACKING_TIMEOUT_S, RunLogger, TrackingUnavailable,
                                           check_tracking, flatten, lineage_tags, unique_metric_names)
@@ -247,21 +246,6 @@ def model_config(model_params: dict[str, Any], plan: dict, where: str = "params.
         raise UserError(f"{where}: invalid model: section ({exc})") from exc
 
 
-def prepare_out_dir(out: Path) -> None:
-    """Create the checkpoint directory and write a scratch file in it now, so a file in its
-    place or an unwritable location fails before hours of training, naming ``--out``."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a folder: training writes a checkpoint folder there. "
-                        "Give a folder path (new or from an earlier training)")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out, prefix=".masksam-write-test-"):
-            pass
-    except OSError as exc:
-        raise UserError(f"--out {out} cannot be written ({exc.strerror or exc}); choose a folder you can "
-                        "write to") from exc
-
-
 def validation_metrics(per_class: np.ndarray, mean: float, labels: dict[str, int]) -> dict[str, float]:
     """``val_dice_{label}`` per foreground class plus ``val_mean_dice``, with label names made
     into keys MLflow accepts (:func:`~masksam.components._tracking.unique_metric_names`)."""
@@ -383,7 +367,8 @@ def train(
     dist = init_distributed(device)
     dtype = resolve_precision(cfg.precision, device)
     if dist.main:
-        prepare_out_dir(out)
+        # before hours of training: a file there or an unwritable location fails now
+        ensure_writable_dir(out, "--out")
     if dist.main and cfg.mlflow:
         check_tracking(tracking)  # fail now, not after hours of training
     ckpt = None

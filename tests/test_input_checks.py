@@ -174,7 +174,7 @@ def test_predict_unwritable_output_is_a_user_error(tmp_path, train_dir, capsys):
     (tmp_path / "a_file").write_text("x")
     rc, _, err = _predict_cli(tmp_path / "ct.nii.gz", tmp_path / "a_file" / "out", train_dir, capsys)
     assert rc == 2
-    assert f"-o {tmp_path / 'a_file' / 'out'}: cannot write into this folder" in err
+    assert f"-o {tmp_path / 'a_file' / 'out'} cannot be written" in err
 
 
 # ----------------------------------------------------------------------------- evaluate

@@ -416,6 +416,7 @@ def test_evaluate_logs_every_label_with_odd_names_to_sqlite_store(tmp_path, monk
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("odd-labels")  # not an experiment id cached by an earlier test's store
     with mlflow.start_run() as run:
         log_to_mlflow(summary, [])
     stored = MlflowClient(tracking_uri=uri).get_run(run.info.run_id).data.metrics
