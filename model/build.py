@@ -5,15 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from segment_anything.modeling import PromptEncoder, TwoWayTransformer
+from segment_anything.modeling import TwoWayTransformer
 from torch import nn
 
 from .config import MaskSAMConfig
 from .image_encoder import MaskSAMImageEncoder
-from .mask_decoder import ClassMaskDecoder, MaskUpsampler
+from .mask_decoder import ClassMaskDecoder, MaskUpsampler, MaskUpsampler3d
 from .masksam import MaskSAM
 from .params import apply_freezing
-from .prompt_generator import PromptGenerator
+from .prompt_encoder import TemporalPromptEncoder
+from .prompt_generator import FullPromptGenerator, NnUNetConvBlock, PromptGenerator
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,8 @@ class VariantSpec:
     mask_in_chans: int = 16
     pg_width: int = 64
     mlp_ratio: float = 4.0
+    # stage widths of the full (paper) prompt generator, token grid first
+    pg_full_widths: tuple[int, ...] = (256, 128, 128, 64, 64)
 
 
 VARIANTS: dict[str, VariantSpec] = {
@@ -41,13 +44,21 @@ VARIANTS: dict[str, VariantSpec] = {
     # same classes, CPU-sized (forward of a B=2, T=8, Q=8 slab at 128 px: 3.3 GFLOP, bench/model.py):
     # 8x8 token grid at 128 px, 2x2 windows of 4, 64-d prompt/decoder path
     "tiny": VariantSpec(
-        128, 4, 4, (1, 3), 4, prompt_dim=64, decoder_mlp_dim=256, decoder_heads=4, pg_width=32, mlp_ratio=2.0
+        128, 4, 4, (1, 3), 4, prompt_dim=64, decoder_mlp_dim=256, decoder_heads=4, pg_width=32, mlp_ratio=2.0,
+        pg_full_widths=(64, 32, 32, 16, 16),
     ),
 }
 
 
-def _stem(in_channels: int) -> nn.Conv3d:
-    """1x1x1 conv C_in -> 3, weight 1/C_in and bias 0: SAM sees the (mean) intensity replicated."""
+def _stem(in_channels: int, kind: str = "linear") -> nn.Module:
+    """C_in -> 3 channels for SAM's patch embedding.
+
+    ``linear``: 1x1x1 conv, weight 1/C_in and bias 0: SAM sees the (mean) intensity replicated.
+    ``conv``: the paper's two nnU-Net conv blocks, 3x3x3 C_in -> 8 -> 3 with InstanceNorm and
+    LeakyReLU, in place of SAM's pixel mean/std normalisation.
+    """
+    if kind == "conv":
+        return nn.Sequential(NnUNetConvBlock(in_channels, 8), NnUNetConvBlock(8, 3))
     conv = nn.Conv3d(in_channels, 3, kernel_size=1)
     nn.init.constant_(conv.weight, 1.0 / in_channels)
     nn.init.zeros_(conv.bias)
@@ -68,16 +79,26 @@ def build_masksam(cfg: MaskSAMConfig, checkpoint: Optional[str] = None, allow_mi
         global_attn_indexes=spec.global_attn_indexes, window_size=spec.window_size,
         out_chans=spec.prompt_dim, slab_depth=cfg.slab_depth, adapter_ratio=ratio,
         use_temporal_embedding=cfg.use_temporal_embedding, mlp_ratio=spec.mlp_ratio,
-        patch_size=cfg.patch_size,
+        patch_size=cfg.patch_size, adapter_style=cfg.encoder_adapter, mlp_adapter_scale=cfg.adapter_mlp_scale,
     )
-    prompt_generator = PromptGenerator(
-        encoder_dim=spec.embed_dim, neck_dim=spec.prompt_dim, num_global=len(spec.global_attn_indexes),
-        num_queries=int(cfg.num_queries), token_dim=spec.prompt_dim, in_channels=cfg.in_channels,  # type: ignore[arg-type]
-        width=spec.pg_width, patch_size=cfg.patch_size,
-    )
-    prompt_encoder = PromptEncoder(
+    nq = int(cfg.num_queries)  # type: ignore[arg-type]
+    prompt_generator: nn.Module
+    if cfg.prompt_generator == "full":
+        prompt_generator = FullPromptGenerator(
+            encoder_dim=spec.embed_dim, neck_dim=spec.prompt_dim, num_global=len(spec.global_attn_indexes),
+            num_queries=nq, token_dim=spec.prompt_dim, widths=spec.pg_full_widths, patch_size=cfg.patch_size,
+            with_tokens=cfg.use_aux_class_tokens,
+        )
+    else:
+        prompt_generator = PromptGenerator(
+            encoder_dim=spec.embed_dim, neck_dim=spec.prompt_dim, num_global=len(spec.global_attn_indexes),
+            num_queries=nq, token_dim=spec.prompt_dim, in_channels=cfg.in_channels,
+            width=spec.pg_width, patch_size=cfg.patch_size,
+        )
+    prompt_encoder = TemporalPromptEncoder(
         embed_dim=spec.prompt_dim, image_embedding_size=(grid, grid),
         input_image_size=(cfg.img_size, cfg.img_size), mask_in_chans=spec.mask_in_chans,
+        slab_depth=cfg.slab_depth, temporal=cfg.prompt_temporal_embedding,
     )
     decoder = ClassMaskDecoder(
         transformer_dim=spec.prompt_dim,
@@ -86,10 +107,16 @@ def build_masksam(cfg: MaskSAMConfig, checkpoint: Optional[str] = None, allow_mi
         ),
         num_classes=cfg.num_classes, adapter_ratio=cfg.adapter_ratio,
         use_depth_conv_adapter=cfg.use_depth_conv_adapter, use_depth_mlp_adapter=cfg.use_depth_mlp_adapter,
+        adapter_style=cfg.decoder_adapters, slab_depth=cfg.slab_depth, mlp_scale=cfg.adapter_mlp_scale,
+    )
+    factor = cfg.patch_size // 4  # the decoder's logits are at 4x the token grid
+    upsampler: nn.Module = (
+        MaskUpsampler3d(nq, factor=factor) if cfg.mask_upsampler == "learned3d"
+        else MaskUpsampler(cfg.in_channels, factor=factor)
     )
     model = MaskSAM(
-        cfg, stem=_stem(cfg.in_channels), image_encoder=encoder, prompt_generator=prompt_generator,
-        prompt_encoder=prompt_encoder, mask_decoder=decoder, mask_upsampler=MaskUpsampler(cfg.in_channels, factor=cfg.patch_size // 4),
+        cfg, stem=_stem(cfg.in_channels, cfg.stem), image_encoder=encoder, prompt_generator=prompt_generator,
+        prompt_encoder=prompt_encoder, mask_decoder=decoder, mask_upsampler=upsampler,
     )
     ckpt = checkpoint if checkpoint is not None else cfg.checkpoint
     if ckpt is not None:

@@ -111,15 +111,23 @@ def infer_sam_variant(sd: Mapping[str, torch.Tensor]) -> Optional[str]:
 
 
 def adapt_position_tables(
-    sd: dict[str, torch.Tensor], grid: int, global_attn_indexes: tuple[int, ...]
+    sd: dict[str, torch.Tensor], grid: int, global_attn_indexes: tuple[int, ...], pos_embed: str = "interpolate"
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Resample ``pos_embed`` (bicubic) and global blocks' ``rel_pos_{h,w}`` (linear) to a
-    ``grid x grid`` token grid (see the module docstring). Returns the new dict and the keys
-    changed."""
+    """Resample ``pos_embed`` (bicubic; or, with ``pos_embed="crop"``, keep its top-left
+    ``grid x grid`` part, as the paper's encoder does) and global blocks' ``rel_pos_{h,w}``
+    (linear) to a ``grid x grid`` token grid (see the module docstring). Returns the new dict
+    and the keys changed."""
     out = dict(sd)
     changed: list[str] = []
     pe = sd.get("image_encoder.pos_embed")
-    if pe is not None and pe.dim() == 4 and pe.shape[1] != grid:
+    if pe is not None and pe.dim() == 4 and pe.shape[1] != grid and pos_embed == "crop":
+        if pe.shape[1] < grid or pe.shape[2] < grid:
+            raise CheckpointError(
+                f"pos_embed: crop needs a token grid of at most {pe.shape[1]}x{pe.shape[2]} (SAM's), got "
+                f"{grid}x{grid}; use pos_embed: interpolate for inputs above {pe.shape[1] * 16} px")
+        out["image_encoder.pos_embed"] = pe[:, :grid, :grid].contiguous()
+        changed.append("image_encoder.pos_embed")
+    elif pe is not None and pe.dim() == 4 and pe.shape[1] != grid:
         x = pe.permute(0, 3, 1, 2).float()
         x = F.interpolate(x, size=(grid, grid), mode="bicubic", align_corners=False)
         out["image_encoder.pos_embed"] = x.permute(0, 2, 3, 1).to(pe.dtype).contiguous()
@@ -148,7 +156,7 @@ def load_sam_checkpoint(model: nn.Module, path: str | os.PathLike, allow_missing
     sd = read_state_dict(path)
     cfg: MaskSAMConfig = model.cfg  # type: ignore[assignment]
     glob = tuple(model.image_encoder.global_attn_indexes)  # type: ignore[union-attr]
-    sd, adapted = adapt_position_tables(sd, cfg.img_size // cfg.patch_size, glob)
+    sd, adapted = adapt_position_tables(sd, cfg.img_size // cfg.patch_size, glob, getattr(cfg, "pos_embed", "interpolate"))
     own = model.state_dict()
     sam_keys = [k for k in own if not is_new_parameter(k)]
     new_keys = [k for k in own if is_new_parameter(k)]

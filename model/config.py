@@ -8,6 +8,15 @@ from typing import Any, Optional
 VARIANT_NAMES = ("vit_b", "vit_l", "vit_h", "tiny")
 DECODER_MODES = ("batched", "loop")
 PATCH_SIZES = (8, 16)
+# the paper's architecture switches: each tuple's first value is the demo's (today's) default,
+# the other the paper's (configs/paper_*.yaml; docs/architecture.md, "Model switches")
+ENCODER_ADAPTERS = ("serial", "paper")
+POS_EMBEDS = ("interpolate", "crop")
+STEMS = ("linear", "conv")
+PROMPT_GENERATORS = ("light", "full")
+MASK_PROMPTS = ("logits", "binary")
+DECODER_ADAPTERS = ("light", "paper")
+MASK_UPSAMPLERS = ("guided", "learned3d")
 
 
 @dataclass
@@ -45,6 +54,31 @@ class MaskSAMConfig:
     decoder_mode: str = "batched"
     # divide class_probs by their sum over classes (else Mask2Former's plain sum over queries)
     normalize_class_probs: bool = False
+    # --- the paper's network, piece by piece (defaults: the demo's; paper values in comments) ---
+    # encoder adapters: "serial" = one light depth-conv adapter after attention; "paper" = two
+    # hidden-residual depth-conv adapters, on the attention branch and parallel to the MLP
+    encoder_adapter: str = "serial"          # paper: "paper"
+    # scale of the adapters parallel to an MLP (encoder blocks and decoder blocks; paper 0.5)
+    adapter_mlp_scale: float = 0.5
+    # SAM's 64x64 absolute position embedding at other sizes: resampled, or cropped top-left
+    pos_embed: str = "interpolate"           # paper: "crop"
+    # C_in -> 3 channels: a 1x1x1 mix, or two 3x3x3 conv blocks (C -> 8 -> 3, IN + LeakyReLU)
+    stem: str = "linear"                     # paper: "conv"
+    # "light": today's 1/4-resolution generator; "full": UNETR-like 256/128/128/64/64 over the
+    # four global blocks and the neck up to full resolution (pooled boxes and tokens)
+    prompt_generator: str = "light"          # paper: "full"
+    # the dense mask prompt: the aux-mask logits, or the binarised aux mask (nearest-resized)
+    mask_prompt: str = "logits"              # paper: "binary"
+    # zero-initialised (T, C, h, w) temporal embedding added to the prompt encoder's dense PE
+    prompt_temporal_embedding: bool = False  # paper: true
+    # decoder adapters: "light" = one neighbour-slice adapter after each block + one depth conv
+    # on the image embedding; "paper" = slice-MLP adapters at 7 places (after self-attention,
+    # after token-to-image attention, parallel to the MLP, per block; after the final attention)
+    # and a per-query depth-conv adapter on the image tokens in each block
+    decoder_adapters: str = "light"          # paper: "paper"
+    # decoder logits (1/4) -> input resolution: "guided" = bilinear + image-guided sub-pixel
+    # correction; "learned3d" = conv Q->64, ConvTranspose3d (1,2,2) x2, conv 64->Q
+    mask_upsampler: str = "guided"           # paper: "learned3d"
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANT_NAMES:
@@ -69,6 +103,15 @@ class MaskSAMConfig:
             raise ValueError(f"adapter_ratio must be in (0, 1], got {self.adapter_ratio}")
         if self.decoder_mode not in DECODER_MODES:
             raise ValueError(f"decoder_mode must be one of {DECODER_MODES}, got {self.decoder_mode!r}")
+        for name, allowed in (
+            ("encoder_adapter", ENCODER_ADAPTERS), ("pos_embed", POS_EMBEDS), ("stem", STEMS),
+            ("prompt_generator", PROMPT_GENERATORS), ("mask_prompt", MASK_PROMPTS),
+            ("decoder_adapters", DECODER_ADAPTERS), ("mask_upsampler", MASK_UPSAMPLERS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.adapter_mlp_scale < 0:
+            raise ValueError(f"adapter_mlp_scale must be >= 0, got {self.adapter_mlp_scale}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of every field (for MLflow params, JSON metadata)."""

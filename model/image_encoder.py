@@ -4,10 +4,18 @@ Parameter names mirror ``segment_anything.modeling.ImageEncoderViT`` (``patch_em
 ``pos_embed``, ``blocks.{i}.{norm1,attn,norm2,mlp}``, ``neck``) so SAM checkpoints load
 unchanged; the additions are ``blocks.{i}.adapter.*`` and ``temporal_embed``.
 
-Adapter placement: serial, inside every block, after the attention residual and before the
-MLP (``x = x + attn(norm1(x)); x = x + adapter(x); x = x + mlp(norm2(x))``), as in the
-Medical-SAM-Adapter family MaskSAM builds on. It runs on the unpartitioned token grid of the
-whole slab (after ``window_unpartition``), so the 3x3x3 convolution mixes neighbouring slices.
+Adapter placement (``encoder_adapter``):
+
+- ``serial`` (the demo's): one light adapter inside every block, after the attention residual
+  and before the MLP (``x = x + attn(norm1(x)); x = x + adapter(x); x = x + mlp(norm2(x))``),
+  as in the Medical-SAM-Adapter family MaskSAM builds on; parameters ``blocks.{i}.adapter.*``;
+- ``paper``: two hidden-residual adapters (:class:`HiddenDepthConvAdapter`), one on the
+  attention branch and one parallel to the MLP scaled by ``mlp_scale`` (0.5):
+  ``a = attn(norm1(x)); x = x + a + A_attn(a); n = norm2(x); x = x + mlp(n) + 0.5 A_mlp(n)``;
+  parameters ``blocks.{i}.attn_adapter.*`` and ``blocks.{i}.mlp_adapter.*``.
+
+Every adapter runs on the unpartitioned token grid of the whole slab (after
+``window_unpartition``), so its 3x3x3 convolution mixes neighbouring slices, never windows.
 """
 
 from __future__ import annotations
@@ -21,16 +29,30 @@ from segment_anything.modeling.common import LayerNorm2d
 from segment_anything.modeling.image_encoder import Block, PatchEmbed, window_partition, window_unpartition
 from torch import nn
 
-from .adapters import DepthConvAdapter
+from .adapters import DepthConvAdapter, HiddenDepthConvAdapter
 
 
 class AdaptedBlock(Block):
-    """SAM's ViT block plus an optional depth-convolution adapter (serial, after attention)."""
+    """SAM's ViT block plus depth-convolution adapters (``serial`` or ``paper``, see module)."""
 
-    def __init__(self, *args, adapter_ratio: Optional[float] = 0.25, **kwargs) -> None:
+    def __init__(
+        self, *args, adapter_ratio: Optional[float] = 0.25, adapter_style: str = "serial",
+        mlp_scale: float = 0.5, **kwargs,
+    ) -> None:
         super().__init__(*args, **kwargs)
         dim = self.norm1.normalized_shape[0]
-        self.adapter = DepthConvAdapter(dim, adapter_ratio) if adapter_ratio is not None else None
+        self.adapter: Optional[nn.Module] = None
+        self.attn_adapter: Optional[HiddenDepthConvAdapter] = None
+        self.mlp_adapter: Optional[HiddenDepthConvAdapter] = None
+        self.mlp_scale = mlp_scale
+        if adapter_ratio is not None:
+            if adapter_style == "paper":
+                self.attn_adapter = HiddenDepthConvAdapter(dim, adapter_ratio)
+                self.mlp_adapter = HiddenDepthConvAdapter(dim, adapter_ratio)
+            elif adapter_style == "serial":
+                self.adapter = DepthConvAdapter(dim, adapter_ratio)
+            else:
+                raise ValueError(f"unknown encoder adapter style {adapter_style!r}")
 
     def forward(self, x: torch.Tensor, depth: int = 1) -> torch.Tensor:  # type: ignore[override]
         """``x``: ``[B*T, h, w, D]``; ``depth`` = T, the slices of one slab."""
@@ -42,9 +64,14 @@ class AdaptedBlock(Block):
         x = self.attn(x)
         if self.window_size > 0:
             x = window_unpartition(x, self.window_size, pad_hw, (h, w))
+        if self.attn_adapter is not None:
+            x = x + self.attn_adapter(x, depth)
         x = shortcut + x
         if self.adapter is not None:
             x = x + self.adapter(x, depth)
+        if self.mlp_adapter is not None:
+            xn = self.norm2(x)
+            return x + self.mlp(xn) + self.mlp_scale * self.mlp_adapter(xn, depth)
         x = x + self.mlp(self.norm2(x))
         return x
 
@@ -67,6 +94,8 @@ class MaskSAMImageEncoder(nn.Module):
         use_temporal_embedding: bool,
         patch_size: int = 16,
         mlp_ratio: float = 4.0,
+        adapter_style: str = "serial",
+        mlp_adapter_scale: float = 0.5,
     ) -> None:
         super().__init__()
         self.img_size = img_size
@@ -86,7 +115,8 @@ class MaskSAMImageEncoder(nn.Module):
                 dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=True,
                 norm_layer=norm, act_layer=nn.GELU, use_rel_pos=True, rel_pos_zero_init=True,
                 window_size=0 if i in self.global_attn_indexes else window_size,
-                input_size=(grid, grid), adapter_ratio=adapter_ratio,
+                input_size=(grid, grid), adapter_ratio=adapter_ratio, adapter_style=adapter_style,
+                mlp_scale=mlp_adapter_scale,
             )
             for i in range(depth)
         )

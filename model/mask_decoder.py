@@ -8,6 +8,18 @@ which the query's auxiliary classifier token is added), ``cls_head`` (Linear to 
 the per-query expansion) and ``token_adapters`` (one depth-MLP adapter after each two-way
 attention block, on all tokens). One mask per query: SAM's single-mask output token.
 
+With ``adapter_style="paper"`` (``decoder_adapters: paper``) the adapters are the paper's
+instead: in each two-way block a :class:`SliceMLPAdapter` on the self-attention output, on
+the token-to-image attention output and parallel to the MLP (scaled by ``mlp_scale``), and a
+per-query :class:`HiddenDepthConvAdapter` on the image-to-token attention output (the image
+tokens); one more slice-MLP adapter on the final token-to-image attention output: 7 token
+adapters and 2 image-token adapters in SAM's 2-block decoder (``block_adapters.{i}.*``,
+``final_adapter``). Each adds a delta to the attention output it adapts
+(``out + A(out)``), zero at initialisation.
+
+``image_pe`` is ``[1, C, h, w]`` (SAM's dense positional encoding) or ``[B*T, C, h, w]`` (one
+per slice: the prompt encoder's temporal embedding added).
+
 Two execution paths with equal results (a test asserts it):
 ``batched`` runs one decoder pass over all (batch, slice, query) triples, adds the dense prompt
 to the image embedding by broadcasting instead of materialising a repeated copy, keeps the
@@ -26,7 +38,18 @@ import torch.nn.functional as F
 from segment_anything.modeling.mask_decoder import MaskDecoder
 from torch import nn
 
-from .adapters import DepthConvAdapter, DepthMLPAdapter
+from .adapters import DepthConvAdapter, DepthMLPAdapter, HiddenDepthConvAdapter, SliceMLPAdapter
+
+
+class _BlockAdapters(nn.Module):
+    """The paper's adapters of one two-way attention block (any of them may be off)."""
+
+    def __init__(self, dim: int, depth: int, ratio: float, tokens: bool, image: bool) -> None:
+        super().__init__()
+        self.self_attn = SliceMLPAdapter(dim, depth, ratio) if tokens else None
+        self.token_to_image = SliceMLPAdapter(dim, depth, ratio) if tokens else None
+        self.mlp = SliceMLPAdapter(dim, depth, ratio) if tokens else None
+        self.image_to_token = HiddenDepthConvAdapter(dim, ratio) if image else None
 
 
 class ClassMaskDecoder(MaskDecoder):
@@ -42,6 +65,9 @@ class ClassMaskDecoder(MaskDecoder):
         use_depth_conv_adapter: bool = True,
         use_depth_mlp_adapter: bool = True,
         iou_head_hidden_dim: int = 256,
+        adapter_style: str = "light",
+        slab_depth: int = 8,
+        mlp_scale: float = 0.5,
     ) -> None:
         super().__init__(
             transformer_dim=transformer_dim, transformer=transformer, num_multimask_outputs=3,
@@ -49,12 +75,63 @@ class ClassMaskDecoder(MaskDecoder):
         )
         self.cls_token = nn.Embedding(1, transformer_dim)
         self.cls_head = nn.Linear(transformer_dim, num_classes + 1)
-        self.image_adapter = DepthConvAdapter(transformer_dim, adapter_ratio) if use_depth_conv_adapter else None
-        self.token_adapters = (
-            nn.ModuleList(DepthMLPAdapter(transformer_dim, adapter_ratio) for _ in transformer.layers)
-            if use_depth_mlp_adapter
-            else None
-        )
+        self.mlp_scale = mlp_scale
+        self.image_adapter: Optional[DepthConvAdapter] = None
+        self.token_adapters: Optional[nn.ModuleList] = None
+        self.block_adapters: Optional[nn.ModuleList] = None
+        self.final_adapter: Optional[SliceMLPAdapter] = None
+        if adapter_style == "light":
+            if use_depth_conv_adapter:
+                self.image_adapter = DepthConvAdapter(transformer_dim, adapter_ratio)
+            if use_depth_mlp_adapter:
+                self.token_adapters = nn.ModuleList(DepthMLPAdapter(transformer_dim, adapter_ratio) for _ in transformer.layers)
+        elif adapter_style == "paper":
+            if use_depth_conv_adapter or use_depth_mlp_adapter:
+                self.block_adapters = nn.ModuleList(
+                    _BlockAdapters(transformer_dim, slab_depth, adapter_ratio, use_depth_mlp_adapter, use_depth_conv_adapter)
+                    for _ in transformer.layers
+                )
+            if use_depth_mlp_adapter:
+                self.final_adapter = SliceMLPAdapter(transformer_dim, slab_depth, adapter_ratio)
+        else:
+            raise ValueError(f"unknown decoder adapter style {adapter_style!r}")
+
+    def _adapted_layer(
+        self, i: int, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor, key_pe: torch.Tensor,
+        depth: int, nq: int, hw: tuple[int, int],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """segment-anything's ``TwoWayAttentionBlock.forward`` with the paper's adapters."""
+        layer = self.transformer.layers[i]
+        ad = self.block_adapters[i]  # type: ignore[index]
+        if layer.skip_first_layer_pe:
+            out = layer.self_attn(q=queries, k=queries, v=queries)
+            queries = out if ad.self_attn is None else out + ad.self_attn(out, depth, nq)
+        else:
+            q = queries + query_pe
+            out = layer.self_attn(q=q, k=q, v=queries)
+            if ad.self_attn is not None:
+                out = out + ad.self_attn(out, depth, nq)
+            queries = queries + out
+        queries = layer.norm1(queries)
+        q = queries + query_pe
+        k = keys + key_pe
+        out = layer.cross_attn_token_to_image(q=q, k=k, v=keys)
+        if ad.token_to_image is not None:
+            out = out + ad.token_to_image(out, depth, nq)
+        queries = layer.norm2(queries + out)
+        mlp_out = layer.mlp(queries)
+        if ad.mlp is not None:
+            mlp_out = mlp_out + self.mlp_scale * ad.mlp(queries, depth, nq)
+        queries = layer.norm3(queries + mlp_out)
+        q = queries + query_pe
+        k = keys + key_pe
+        out = layer.cross_attn_image_to_token(q=k, k=q, v=queries)
+        if ad.image_to_token is not None:
+            n, _, c = out.shape
+            grid = out.reshape(n, hw[0], hw[1], c)
+            out = out + ad.image_to_token(grid, depth, nq).reshape(n, -1, c)
+        keys = layer.norm4(keys + out)
+        return queries, keys
 
     def _run(
         self,
@@ -76,18 +153,25 @@ class ClassMaskDecoder(MaskDecoder):
         tokens = torch.cat([out_tokens, cls_tokens.unsqueeze(1), sparse], dim=1)
         if reference:
             src = torch.repeat_interleave(image, nq, dim=0) + dense
-            pos = torch.repeat_interleave(image_pe, n, dim=0).flatten(2).transpose(1, 2)
+            pos = torch.repeat_interleave(image_pe, n // image_pe.shape[0], dim=0).flatten(2).transpose(1, 2)
         else:
             src = (image.unsqueeze(1) + dense.reshape(bt, nq, c, h, w)).reshape(n, c, h, w)
             pos = image_pe.flatten(2).transpose(1, 2)  # [1, hw, C], broadcast over n
+            if image_pe.shape[0] != 1:  # one encoding per slice: [B*T, hw, C] -> [B*T*nq, hw, C]
+                pos = pos.unsqueeze(1).expand(bt, nq, h * w, c).reshape(n, h * w, c)
         keys = src.flatten(2).transpose(1, 2)
         queries = tokens
         tr = self.transformer
         for i, layer in enumerate(tr.layers):
-            queries, keys = layer(queries=queries, keys=keys, query_pe=tokens, key_pe=pos)
+            if self.block_adapters is not None:
+                queries, keys = self._adapted_layer(i, queries, keys, tokens, pos, depth, nq, (h, w))
+            else:
+                queries, keys = layer(queries=queries, keys=keys, query_pe=tokens, key_pe=pos)
             if self.token_adapters is not None:
                 queries = queries + self.token_adapters[i](queries, depth, nq)
         attn_out = tr.final_attn_token_to_image(q=queries + tokens, k=keys + pos, v=keys)
+        if self.final_adapter is not None:
+            attn_out = attn_out + self.final_adapter(attn_out, depth, nq)
         queries = tr.norm_final_attn(queries + attn_out)
 
         cls_logits = self.cls_head(queries[:, 1 + self.num_mask_tokens])
@@ -118,7 +202,7 @@ class ClassMaskDecoder(MaskDecoder):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode all queries of all slices.
 
-        ``image_embeddings``: ``[B*T, C, h, w]``; ``image_pe``: ``[1, C, h, w]``; prompt
+        ``image_embeddings``: ``[B*T, C, h, w]``; ``image_pe``: ``[1 or B*T, C, h, w]``; prompt
         embeddings ``[B*T*Q, Ns, C]`` / ``[B*T*Q, C, h, w]``; ``aux_tokens``: ``[B, T, Q, C]``
         or None. Returns low-res mask logits ``[B*T*Q, 1, 4h, 4w]`` and class logits
         ``[B*T*Q, K+1]``.
@@ -169,8 +253,9 @@ class MaskUpsampler(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, low: torch.Tensor, image: torch.Tensor, num_queries: int) -> torch.Tensor:
-        """``low``: ``[B*T*Q, 1, h, w]``; ``image``: ``[B*T, C_in, 4h, 4w]`` -> ``[B*T*Q, 1, 4h, 4w]``.
+    def forward(self, low: torch.Tensor, image: torch.Tensor, num_queries: int, depth: int = 1) -> torch.Tensor:
+        """``low``: ``[B*T*Q, 1, h, w]``; ``image``: ``[B*T, C_in, 4h, 4w]`` -> ``[B*T*Q, 1, 4h, 4w]``
+        (``depth`` is not needed: the correction is per slice).
 
         Computed channels-last with matrix products (same function as conv 1x1 + pixel
         shuffle + ``F.interpolate(bilinear, align_corners=False)``, to float rounding): on the
@@ -190,6 +275,48 @@ class MaskUpsampler(nn.Module):
         aw = ah if w == h else _bilinear_matrix(w, f, low.dtype, low.device)
         base = ah @ low @ aw.transpose(0, 1)  # separable bilinear x f
         return base + delta
+
+
+class MaskUpsampler3d(nn.Module):
+    """The paper's learned 3D upsampler of the decoder's mask logits (``mask_upsampler: learned3d``).
+
+    The ``[B, Q, T, h, w]`` logits of all queries of a slab (queries as channels) go through a
+    3x3x3 conv block Q -> ``width`` (InstanceNorm, LeakyReLU), ``log2(factor)`` in-plane x2
+    ``ConvTranspose3d`` (1, 2, 2) each with InstanceNorm and GELU, and a 3x3x3 conv
+    ``width`` -> Q. It learns from scratch (no bilinear path); it mixes queries and slices, so
+    it is tied to ``num_queries``.
+    """
+
+    def __init__(self, num_queries: int, factor: int = 4, width: int = 64) -> None:
+        super().__init__()
+        ups = factor.bit_length() - 1
+        if 2**ups != factor or ups < 1:
+            raise ValueError(f"upsampling factor must be a power of 2 >= 2, got {factor}")
+        self.factor = factor
+        self.num_queries = num_queries
+        layers: list[nn.Module] = [
+            nn.Conv3d(num_queries, width, kernel_size=3, padding=1),
+            nn.InstanceNorm3d(width, eps=1e-5, affine=True),
+            nn.LeakyReLU(0.01),
+        ]
+        for _ in range(ups):
+            layers += [
+                nn.ConvTranspose3d(width, width, kernel_size=(1, 2, 2), stride=(1, 2, 2)),
+                nn.InstanceNorm3d(width),
+                nn.GELU(),
+            ]
+        layers.append(nn.Conv3d(width, num_queries, kernel_size=3, padding=1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, low: torch.Tensor, image: torch.Tensor, num_queries: int, depth: int = 1) -> torch.Tensor:
+        """``low``: ``[B*T*Q, 1, h, w]`` ordered (batch, slice, query) -> ``[B*T*Q, 1, fh, fw]``
+        (``image`` is not read)."""
+        if num_queries != self.num_queries:
+            raise ValueError(f"MaskUpsampler3d built for {self.num_queries} queries, got {num_queries}")
+        n, _, h, w = low.shape
+        x = low.reshape(-1, depth, num_queries, h, w).transpose(1, 2)  # [B, Q, T, h, w]
+        y = self.net(x).transpose(1, 2)  # [B, T, Q, fh, fw]
+        return y.reshape(n, 1, h * self.factor, w * self.factor)
 
 
 def _bilinear_matrix(size: int, factor: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -1,22 +1,24 @@
 """The MaskSAM network: slab in, per-slice query masks and class logits out.
 
 Data flow for ``x: [B, C_in, T, H, W]``:
-stem (1x1x1 conv C_in -> 3, initialised to replicate the intensity) -> slices folded into the
-batch -> adapted SAM ViT (``image_encoder``) -> prompt generator (aux masks, boxes, classifier
-tokens) -> SAM ``prompt_encoder`` (box corners as sparse, aux-mask logits as dense embeddings)
--> classifier mask decoder -> mask upsampler. The output dict follows docs/architecture.md.
+stem (``linear``: 1x1x1 conv C_in -> 3, initialised to replicate the intensity; ``conv``: the
+paper's two 3x3x3 conv blocks) -> slices folded into the batch -> adapted SAM ViT
+(``image_encoder``) -> prompt generator (aux masks, boxes, classifier tokens) -> SAM
+``prompt_encoder`` (box corners as sparse, the aux mask, as logits or binarised, as dense
+embeddings; optionally a per-slice temporal embedding on its dense PE) -> classifier mask
+decoder -> mask upsampler. The output dict follows docs/architecture.md.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from segment_anything.modeling import PromptEncoder
 from torch import nn
 
 from .config import MaskSAMConfig
 from .image_encoder import MaskSAMImageEncoder
-from .mask_decoder import ClassMaskDecoder, MaskUpsampler
-from .prompt_generator import PromptGenerator
+from .mask_decoder import ClassMaskDecoder
 
 
 class MaskSAM(nn.Module):
@@ -28,10 +30,10 @@ class MaskSAM(nn.Module):
         *,
         stem: nn.Module,
         image_encoder: MaskSAMImageEncoder,
-        prompt_generator: PromptGenerator,
+        prompt_generator: nn.Module,
         prompt_encoder: PromptEncoder,
         mask_decoder: ClassMaskDecoder,
-        mask_upsampler: MaskUpsampler,
+        mask_upsampler: nn.Module,
     ) -> None:
         super().__init__()
         self.cfg = cfg
@@ -48,7 +50,8 @@ class MaskSAM(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """``x``: ``[B, C_in, T, H, W]`` -> ``pred_logits [B,T,Q,K+1]``, ``pred_masks
-        [B,T,Q,H,W]``, ``aux_masks [B,T,Q,4H/p,4W/p]`` (p: patch_size), ``aux_boxes [B,T,Q,4]`` (x0,y0,x1,y1 in
+        [B,T,Q,H,W]``, ``aux_masks [B,T,Q,h,w]`` (``h = 4H/p`` for p = patch_size with the light
+        prompt generator, ``h = H`` with the full one), ``aux_boxes [B,T,Q,4]`` (x0,y0,x1,y1 in
         [0, 1])."""
         if x.dim() != 5:
             raise ValueError(f"MaskSAM expects x of shape [B, C, T, H, W], got {tuple(x.shape)}")
@@ -69,12 +72,19 @@ class MaskSAM(nn.Module):
         # the mask prompt is read without gradient (as SAM feeds back its low-res logits); the
         # aux masks learn from their own loss terms (see prompt_generator's docstring)
         dense_in = aux_masks.detach().reshape(b * t * q, 1, mh, mw)
+        if self.cfg.mask_prompt == "binary":  # the paper: sigmoid > 0.5, as 0/1
+            dense_in = (dense_in > 0).to(dense_in.dtype)
+        side = 4 * (size // self.cfg.patch_size)  # SAM's mask-input size, 4x the token grid
+        if (mh, mw) != (side, side):
+            dense_in = F.interpolate(dense_in, size=(side, side), mode="nearest")
         sparse, dense = self.prompt_encoder(points=None, boxes=boxes, masks=dense_in)
         aux_tokens = pg["aux_tokens"] if self.cfg.use_aux_class_tokens else None
+        pe_fn = getattr(self.prompt_encoder, "slab_dense_pe", None)
+        image_pe = pe_fn(b, t) if pe_fn is not None else self.prompt_encoder.get_dense_pe()
         low, logits = self.mask_decoder(
-            neck, self.prompt_encoder.get_dense_pe(), sparse, dense, aux_tokens, t, q, mode=self.cfg.decoder_mode
+            neck, image_pe, sparse, dense, aux_tokens, t, q, mode=self.cfg.decoder_mode
         )
-        masks = self.mask_upsampler(low, slices, q)
+        masks = self.mask_upsampler(low, slices, q, depth=t)
         return {
             "pred_logits": logits.reshape(b, t, q, -1),
             "pred_masks": masks.reshape(b, t, q, h, w),

@@ -15,8 +15,9 @@ from torch import nn
 
 _NEW = re.compile(
     r"^(stem\.|prompt_generator\.|mask_upsampler\.|image_encoder\.temporal_embed$|"
-    r"image_encoder\.blocks\.\d+\.adapter\.|mask_decoder\.cls_token\.|mask_decoder\.cls_head\.|"
-    r"mask_decoder\.image_adapter\.|mask_decoder\.token_adapters\.)"
+    r"image_encoder\.blocks\.\d+\.(adapter|attn_adapter|mlp_adapter)\.|prompt_encoder\.temporal_embed$|"
+    r"mask_decoder\.cls_token\.|mask_decoder\.cls_head\.|"
+    r"mask_decoder\.(image_adapter|token_adapters|block_adapters|final_adapter)\.)"
 )
 _UNUSED = re.compile(
     r"^(mask_decoder\.(iou_prediction_head\.|output_hypernetworks_mlps\.[1-9]\d*\.)|"

@@ -170,3 +170,155 @@ class PromptGenerator(nn.Module):
         mbox, nonempty = mask_boxes(masks)
         boxes = torch.where(nonempty[..., None], (reg + mbox) / 2, reg)
         return {"aux_masks": masks, "aux_boxes": boxes, "aux_tokens": self.token_head(hq)}
+
+
+# ----------------------------------------------------------------------------------------------
+# The paper's full-width prompt generator (prompt_generator: full)
+# ----------------------------------------------------------------------------------------------
+
+class NnUNetConvBlock(nn.Sequential):
+    """nnU-Net's conv block: Conv3d (bias) -> InstanceNorm3d (affine, eps 1e-5) -> LeakyReLU(0.01)."""
+
+    def __init__(self, cin: int, cout: int, kernel_size: int = 3) -> None:
+        super().__init__(
+            nn.Conv3d(cin, cout, kernel_size=kernel_size, padding=kernel_size // 2, bias=True),
+            nn.InstanceNorm3d(cout, eps=1e-5, affine=True),
+            nn.LeakyReLU(0.01),
+        )
+
+
+def _up2(cin: int, cout: int) -> nn.ConvTranspose3d:
+    """In-plane x2 transposed convolution, kernel = stride = (1, 2, 2)."""
+    return nn.ConvTranspose3d(cin, cout, kernel_size=(1, 2, 2), stride=(1, 2, 2))
+
+
+def adaptive_pool_planes(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``adaptive_avg_pool3d(x, (T, size, size))`` for ``x [B, C, T, h, w]``, exported to ONNX
+    without adaptive pooling: a reshape-mean where ``size`` divides the plane, else the same
+    bins as averaging matrices."""
+    b, c, t, h, w = x.shape
+    if h % size == 0 and w % size == 0:
+        return x.reshape(b, c, t, size, h // size, size, w // size).mean(dim=(4, 6))
+
+    def bins(n: int) -> torch.Tensor:
+        # torch's adaptive pooling bins: [floor(i n / s), ceil((i + 1) n / s)); a constant matrix
+        # built from Python numbers (traces and exports as an initialiser)
+        n = int(n)
+        rows = []
+        for i in range(size):
+            lo, hi = (i * n) // size, -((-(i + 1) * n) // size)
+            rows.append([1.0 / (hi - lo) if lo <= j < hi else 0.0 for j in range(n)])
+        return torch.tensor(rows, dtype=x.dtype, device=x.device)
+
+    return bins(h) @ x @ bins(w).transpose(0, 1)  # [s, h] @ [.., h, w] @ [w, s]
+
+
+class FullPromptGenerator(nn.Module):
+    """The paper's UNETR-like prompt generator (paper-recipe.md, "Prompt generator").
+
+    Five decoder stages of widths ``widths`` (the paper: 256, 128, 128, 64, 64). Stage 0 decodes
+    the neck ``[B, 256, T, h, w]`` at the token grid (two conv blocks); stage ``s >= 1``
+    upsamples the stage below x2 in-plane (ConvTranspose3d (1, 2, 2)), concatenates the
+    ``s``-th global-attention output counted from the last (lifted x 2^s by ``s`` pairs of
+    ConvTranspose3d + conv block, UNETR's skip path), and fuses with one conv block. With ViT
+    patch ``p`` there are ``1 + log2(p)`` stages, so the last is at full input resolution;
+    stages beyond the available global outputs (the tiny variant) have no skip. Outputs:
+
+    - ``aux_masks`` ``[B, T, Q, H, W]``: 1x1x1 conv of the last stage (logits; the public code
+      applied sigmoid twice before BCE-with-logits, not here);
+    - ``aux_boxes`` ``[B, T, Q, 4]``: every stage pooled to ``(T, 2, 2)``, concatenated, 1x1x1
+      conv -> Q, InstanceNorm, sigmoid; the 2x2 map reads ``[[lx, ly], [px, py]]``: top-left
+      ``(lx, ly)``, bottom-right ``tl + (1 - tl) * p``; averaged with the box of
+      ``aux_masks > 0`` where that mask is non-empty (the public code averaged with a zero box
+      when empty, halving the regressed box; here the regressed box alone);
+    - ``aux_tokens`` ``[B, T, Q, C]``: every stage pooled to ``(T, s, s)`` with ``s * s = C``
+      (16 x 16 = 256), concatenated, 3x3x3 conv -> Q, InstanceNorm, GELU; each ``s x s`` map
+      flattened is one token per (slice, query).
+
+    No stop-gradient: as in the paper, the box, token and decoder losses reach the trunk.
+    """
+
+    def __init__(
+        self,
+        *,
+        encoder_dim: int,
+        neck_dim: int,
+        num_global: int,
+        num_queries: int,
+        token_dim: int,
+        widths: tuple[int, ...] = (256, 128, 128, 64, 64),
+        patch_size: int = 16,
+        with_tokens: bool = True,
+    ) -> None:
+        super().__init__()
+        ups = patch_size.bit_length() - 1
+        if 2**ups != patch_size:
+            raise ValueError(f"patch_size must be a power of 2, got {patch_size}")
+        if len(widths) < ups + 1:
+            raise ValueError(f"{ups + 1} stages need {ups + 1} widths, got {widths}")
+        side = int(round(token_dim ** 0.5))
+        if side * side != token_dim:
+            raise ValueError(f"aux tokens are s x s maps: token_dim {token_dim} must be a square")
+        self.token_side = side
+        self.num_queries = num_queries
+        self.num_global = num_global
+        w = list(widths[: ups + 1])
+        self.widths = tuple(w)
+        self.bottom = nn.Sequential(NnUNetConvBlock(neck_dim, w[0]), NnUNetConvBlock(w[0], w[0]))
+        self.ups = nn.ModuleList()
+        self.skips = nn.ModuleList()
+        self.fuse = nn.ModuleList()
+        for s in range(1, ups + 1):
+            self.ups.append(_up2(w[s - 1], w[s]))
+            if s <= num_global:
+                layers: list[nn.Module] = [_up2(encoder_dim, w[s]), NnUNetConvBlock(w[s], w[s])]
+                for _ in range(s - 1):
+                    layers += [_up2(w[s], w[s]), NnUNetConvBlock(w[s], w[s])]
+                self.skips.append(nn.Sequential(*layers))
+                self.fuse.append(NnUNetConvBlock(2 * w[s], w[s]))
+            else:
+                self.skips.append(nn.Identity())
+                self.fuse.append(NnUNetConvBlock(w[s], w[s]))
+        total = sum(w)
+        self.mask_head = nn.Conv3d(w[-1], num_queries, kernel_size=1)
+        self.box_head = nn.Sequential(
+            nn.Conv3d(total, num_queries, kernel_size=1, bias=False),
+            nn.InstanceNorm3d(num_queries, eps=1e-5, affine=True),
+            nn.Sigmoid(),
+        )
+        # without aux classifier tokens (use_aux_class_tokens: false) no token head: no
+        # parameters without gradient (DDP refuses them)
+        self.token_head = nn.Sequential(
+            nn.Conv3d(total, num_queries, kernel_size=3, padding=1),
+            nn.InstanceNorm3d(num_queries, eps=1e-5, affine=True),
+            nn.GELU(),
+        ) if with_tokens else None
+
+    def forward(
+        self, neck: torch.Tensor, feats: list[torch.Tensor], image: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """``neck``: ``[B*T, C, h, w]``; ``feats``: global-block tokens ``[B*T, h, w, D]``;
+        ``image``: the raw slab ``[B, C_in, T, H, W]`` (only its depth is read)."""
+        depth = image.shape[2]
+        y = self.bottom(_to_volume(neck, depth))
+        stages = [y]
+        n = len(feats)
+        for s, (up, skip, fuse) in enumerate(zip(self.ups, self.skips, self.fuse), start=1):
+            y = up(y)
+            if s <= self.num_global:
+                f = _to_volume(feats[n - s].permute(0, 3, 1, 2), depth)
+                y = torch.cat([y, skip(f)], dim=1)
+            y = fuse(y)
+            stages.append(y)
+        masks = self.mask_head(y).transpose(1, 2)  # [B, T, Q, H, W]
+        boxes_in = torch.cat([adaptive_pool_planes(v, 2) for v in stages], dim=1)
+        corners = self.box_head(boxes_in).permute(0, 2, 1, 3, 4)  # [B, T, Q, 2, 2]
+        tl, frac = corners[..., 0, :], corners[..., 1, :]
+        reg = torch.cat([tl, tl + (1.0 - tl) * frac], dim=-1)  # (x0, y0, x1, y1)
+        mbox, nonempty = mask_boxes(masks)
+        boxes = torch.where(nonempty[..., None], (reg + mbox) / 2, reg)
+        out = {"aux_masks": masks, "aux_boxes": boxes}
+        if self.token_head is not None:
+            tok_in = torch.cat([adaptive_pool_planes(v, self.token_side) for v in stages], dim=1)
+            out["aux_tokens"] = self.token_head(tok_in).permute(0, 2, 1, 3, 4).flatten(3)  # [B, T, Q, s*s]
+        return out

@@ -99,11 +99,14 @@ def test_infer_variant_hint():
 
 
 @pytest.mark.parametrize(
-    "variant,size", [("tiny", 64), pytest.param("vit_b", 256, marks=pytest.mark.slow)]
+    "variant,size,style",
+    [("tiny", 64, "serial"), ("tiny", 64, "paper"), pytest.param("vit_b", 256, "serial", marks=pytest.mark.slow),
+     pytest.param("vit_b", 256, "paper", marks=pytest.mark.slow)],
 )
-def test_adapted_encoder_equals_segment_anything_encoder(variant, size):
-    """With adapters/temporal embeddings at their initial values, our encoder's output equals
-    segment-anything's ImageEncoderViT on the same weights, slice by slice."""
+def test_adapted_encoder_equals_segment_anything_encoder(variant, size, style):
+    """With every adapter on (``serial``: one per block; ``paper``: the attention-branch and
+    MLP-parallel adapters) and temporal embeddings at their initial values, our encoder's
+    output equals segment-anything's ImageEncoderViT on the same weights, slice by slice."""
     torch.manual_seed(0)
     spec = VARIANTS[variant]
     ref = ImageEncoderViT(
@@ -116,7 +119,10 @@ def test_adapted_encoder_equals_segment_anything_encoder(variant, size):
         for n, p in ref.named_parameters():
             if "rel_pos" in n or n == "pos_embed":
                 p.normal_(0, 0.02)
-    m = build_masksam(MaskSAMConfig(variant=variant, img_size=size, slab_depth=2, num_classes=3, num_queries=2))
+    m = build_masksam(MaskSAMConfig(variant=variant, img_size=size, slab_depth=2, num_classes=3, num_queries=2,
+                                    encoder_adapter=style))
+    n_adapters = sum(1 for n, _ in m.image_encoder.named_modules() if n.endswith("adapter"))
+    assert n_adapters == spec.depth * (2 if style == "paper" else 1)
     result = m.image_encoder.load_state_dict(ref.state_dict(), strict=False)
     assert not result.unexpected_keys
     assert result.missing_keys and all("adapter" in k or k == "temporal_embed" for k in result.missing_keys)
@@ -126,6 +132,19 @@ def test_adapted_encoder_equals_segment_anything_encoder(variant, size):
         theirs = ref(x)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
     assert len(feats) == len(spec.global_attn_indexes)
+
+
+def test_pos_embed_crop_keeps_the_top_left_of_sams_table(vit_b_ckpt):
+    """``pos_embed: crop`` (the paper's encoder) loads SAM's 64x64 table cropped, not resampled;
+    the global blocks' relative tables are resampled either way."""
+    path, sd = vit_b_ckpt
+    cfg = MaskSAMConfig(variant="vit_b", img_size=256, slab_depth=2, num_classes=3, num_queries=2, pos_embed="crop")
+    m = build_masksam(cfg, checkpoint=str(path))
+    own = m.state_dict()
+    torch.testing.assert_close(own["image_encoder.pos_embed"], sd["image_encoder.pos_embed"][:, :16, :16])
+    assert own["image_encoder.blocks.2.attn.rel_pos_h"].shape == (31, 64)
+    with pytest.raises(CheckpointError, match="pos_embed: crop needs a token grid of at most 64x64"):
+        adapt_position_tables({"image_encoder.pos_embed": torch.randn(1, 64, 64, 2)}, 80, (), "crop")
 
 
 def test_rel_pos_adaptation_shapes():
