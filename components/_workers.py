@@ -61,7 +61,8 @@ def kill_workers(pool: ProcessPoolExecutor, timeout: float = 10.0) -> None:
 
     The pool is broken afterwards: its pending futures fail with BrokenProcessPool (do not
     cancel them first: Python 3.11's pool thread then fails setting that error). Waiting for
-    the pool's manager thread makes a later ``shutdown`` return at once.
+    the pool's manager thread makes a later ``shutdown`` return at once; it cannot hang on a
+    result a worker was killed in the middle of sending (see below).
     """
     processes = list((getattr(pool, "_processes", None) or {}).values())
     for proc in processes:
@@ -70,6 +71,16 @@ def kill_workers(pool: ProcessPoolExecutor, timeout: float = 10.0) -> None:
     for proc in processes:
         with contextlib.suppress(Exception):
             proc.join(timeout)
+    # A worker killed while sending its result leaves half a message in the result pipe, and the
+    # pool's manager thread blocks reading the rest forever (then so do shutdown() and the
+    # interpreter's exit, which joins it). With every worker dead, closing the parent's copy of
+    # the pipe's write end leaves it without writers: the read ends with EOF, the manager thread
+    # sees a broken pool and exits.
+    result_queue = getattr(pool, "_result_queue", None)
+    writer = getattr(result_queue, "_writer", None)
+    if writer is not None and all(not p.is_alive() for p in processes):
+        with contextlib.suppress(Exception):
+            writer.close()
     manager = getattr(pool, "_executor_manager_thread", None)
     if manager is not None and manager is not threading.current_thread():
         manager.join(timeout)

@@ -344,3 +344,37 @@ def test_evaluate_pipeline_output_is_owned_atomic_and_names_files_that_exist(tmp
     assert rows and all(Path(r["prediction_file"]).is_file() and Path(r["reference_file"]).is_file() for r in rows)
     assert Path(saved["reference_folder"]) == raw / "labelsTr"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".eval2.")], "temporary left behind"
+
+
+def _half_sent_result(ready: str) -> None:
+    """In a pool worker: start a result message on the pool's result pipe and never finish it,
+    as a worker SIGKILLed in the middle of sending its result leaves it."""
+    import gc
+    import struct
+    from multiprocessing.queues import SimpleQueue
+
+    queue = next(o for o in gc.get_objects() if isinstance(o, SimpleQueue))
+    os.write(queue._writer.fileno(), struct.pack("!i", 1 << 20) + b"partial")
+    Path(ready).write_text("sent half")
+    time.sleep(600)
+
+
+def test_kill_workers_does_not_hang_on_a_result_cut_in_half(tmp_path):
+    """The manager thread of a pool whose worker died mid-send waits for the rest of the message
+    forever; kill_workers must leave the pool so that shutdown (and interpreter exit) return."""
+    import threading
+
+    from masksam.components._workers import kill_workers, spawn_pool
+
+    ready = tmp_path / "ready"
+    pool = spawn_pool(1)
+    future = pool.submit(_half_sent_result, str(ready))
+    deadline = time.monotonic() + 120
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ready.exists(), "the worker never started its half message"
+    kill_workers(pool, timeout=10)
+    done = threading.Event()
+    threading.Thread(target=lambda: (pool.shutdown(wait=True), done.set()), daemon=True).start()
+    assert done.wait(20), "pool.shutdown hung after kill_workers"
+    assert future.done()
