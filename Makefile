@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup repro test test-fast test-slow lint bench clean
+.PHONY: setup repro test test-fast test-slow test-heavy lint bench clean
 
 # The install is one step, the same as the Dockerfile's (minus the GPU wheels).
 $(VENV)/.installed: pyproject.toml
@@ -24,10 +24,14 @@ repro: setup
 test: test-fast test-slow
 
 test-fast: setup
-	$(BIN)/pytest -m "not slow and not gpu"
+	$(BIN)/pytest -m "not slow and not gpu and not heavy"
 
 test-slow: setup
-	$(BIN)/pytest -m "slow and not gpu"
+	$(BIN)/pytest -m "slow and not gpu and not heavy"
+
+# Full-size forwards of the paper configurations other than AMOS (minutes each; not in CI).
+test-heavy: setup
+	$(BIN)/pytest -m "heavy and not gpu"
 
 bench: setup
 	$(BIN)/python bench/preprocess.py
