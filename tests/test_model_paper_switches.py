@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 from masksam.model import MaskSAMConfig, build_masksam, parameter_report
 from masksam.model.adapters import HiddenDepthConvAdapter, SliceMLPAdapter
-from masksam.model.masksam import MaskSAM
 from masksam.model.params import is_new_parameter
 from masksam.model.prompt_generator import adaptive_pool_planes
+from test_model_network import _randomise_zero_inits, _tiny  # the network tests' tiny builder
 
 # every switch at its paper value (configs/paper_*.yaml); the defaults are the demo's
 PAPER = dict(
@@ -25,21 +25,6 @@ SWITCHES = [pytest.param({k: v}, id=f"{k}={v}") for k, v in PAPER.items()] + [
     pytest.param(dict(PAPER, use_depth_mlp_adapter=False), id="paper-no-mlp-adapters"),
     pytest.param(dict(PAPER, use_aux_boxes=False, use_aux_class_tokens=False), id="paper-no-boxes-tokens"),
 ]
-
-
-def _tiny(**kw) -> MaskSAM:
-    torch.manual_seed(0)
-    base = dict(variant="tiny", img_size=64, slab_depth=4, num_classes=3, num_queries=4, freeze_sam=False)
-    base.update(kw)
-    return build_masksam(MaskSAMConfig(**base))
-
-
-def _randomise_zero_inits(model: torch.nn.Module) -> None:
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if is_new_parameter(name) and p.abs().sum() == 0:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
 
 
 def test_defaults_are_the_demo_and_unknown_values_are_refused():
