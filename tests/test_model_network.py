@@ -187,8 +187,9 @@ def test_state_file_roundtrip(tmp_path):
         load_masksam_state(other, path)
 
 
-def test_class_probs_exports_to_onnx_and_matches(tmp_path):
-    """class_probs is the exported graph: it must trace and run in ONNX Runtime unchanged."""
+def assert_onnx_matches_eager(m: MaskSAM, tmp_path) -> None:
+    """Export ``m.class_probs`` (as components/export.py does) and compare ONNX Runtime's output
+    with PyTorch's on one 2 x 32 x 32 slab (1e-5); the model needs img_size 32, slab_depth 2."""
     import warnings
 
     import numpy as np
@@ -196,7 +197,6 @@ def test_class_probs_exports_to_onnx_and_matches(tmp_path):
 
     from masksam.model import ClassProbs
 
-    m = _tiny(img_size=32, slab_depth=2, num_queries=2).eval()
     _randomise_zero_inits(m)
     x = torch.randn(1, 1, 2, 32, 32)
     path = tmp_path / "m.onnx"
@@ -209,6 +209,11 @@ def test_class_probs_exports_to_onnx_and_matches(tmp_path):
         ref = m.class_probs(x).numpy()
     assert y.shape == (1, 3, 2, 32, 32)
     np.testing.assert_allclose(y, ref, atol=1e-5)
+
+
+def test_class_probs_exports_to_onnx_and_matches(tmp_path):
+    """class_probs is the exported graph: it must trace and run in ONNX Runtime unchanged."""
+    assert_onnx_matches_eager(_tiny(img_size=32, slab_depth=2, num_queries=2).eval(), tmp_path)
 
 
 def test_fast_upsampler_and_patch_embed_equal_the_reference_ops():

@@ -11,7 +11,7 @@ from masksam.model import MaskSAMConfig, build_masksam, parameter_report
 from masksam.model.adapters import HiddenDepthConvAdapter, SliceMLPAdapter
 from masksam.model.params import is_new_parameter
 from masksam.model.prompt_generator import adaptive_pool_planes
-from test_model_network import _randomise_zero_inits, _tiny  # the network tests' tiny builder
+from test_model_network import _randomise_zero_inits, _tiny, assert_onnx_matches_eager  # shared builders
 
 # every switch at its paper value (configs/paper_*.yaml); the defaults are the demo's
 PAPER = dict(
@@ -205,23 +205,4 @@ def test_paper_state_file_roundtrip(tmp_path):
 
 
 def test_paper_class_probs_exports_to_onnx_and_matches(tmp_path):
-    import warnings
-
-    import numpy as np
-    import onnxruntime as ort
-
-    from masksam.model import ClassProbs
-
-    m = _tiny(**PAPER, img_size=32, slab_depth=2, num_queries=2).eval()
-    _randomise_zero_inits(m)
-    x = torch.randn(1, 1, 2, 32, 32)
-    path = tmp_path / "m.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(ClassProbs(m), (x,), str(path), input_names=["x"], output_names=["probs"],
-                          opset_version=18, dynamo=False)
-    y = ort.InferenceSession(str(path)).run(None, {"x": x.numpy()})[0]
-    with torch.no_grad():
-        ref = m.class_probs(x).numpy()
-    assert y.shape == (1, 3, 2, 32, 32)
-    np.testing.assert_allclose(y, ref, atol=1e-5)
+    assert_onnx_matches_eager(_tiny(**PAPER, img_size=32, slab_depth=2, num_queries=2).eval(), tmp_path)

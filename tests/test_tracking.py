@@ -139,15 +139,7 @@ def test_training_logs_to_real_mlflow_server(tmp_path):
         pre = tmp_path / "pre"
         preprocess_dataset(raw, pre, target_spacing=[2.0, 2.0, 3.0], workers=1, folds=2, test_fraction=0.2,
                            progress=False)
-        deadline = time.time() + 180
-        while True:
-            try:
-                check_tracking(uri, timeout_s=2)
-                break
-            except UserError:
-                if time.time() > deadline or server.poll() is not None:
-                    raise
-                time.sleep(1)
+        _wait_ready(uri, server, limit_s=180)
         summary = train(pre, tmp_path / "train", TINY_MODEL, tiny_train(steps=2, val_every=2, mlflow=True),
                         tracking=uri, progress=False)
         client = MlflowClient(tracking_uri=uri)
