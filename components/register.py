@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from masksam.components._io import params_or_default, pick_option, read_json, section
+from masksam.components.data.manifest import test_set_digest
 from masksam.components._loading import (EXPORT_MANIFEST, MLFLOW_DOWNLOAD_FILES, MODEL_MANIFEST, ONNX_NAME,
                                          sha256_file, sidecar_path, verify_export, verify_training_dir,
                                          write_manifest)
@@ -129,62 +130,68 @@ def signature(plan: dict[str, Any]):
 
 
 def test_set_id(evaluation: dict[str, Any]) -> str:
-    """sha256 over the evaluated case ids and, where still on disk, their reference label files:
-    two evaluations are comparable only when this agrees."""
+    """The content hash of the evaluated test set: ``test_set_id`` as ``masksam evaluate`` recorded
+    it (sha256 over each case's image and reference files, :func:`test_set_digest`), or, for a
+    summary written without one, the same hash over its reference files still on disk. Case
+    names alone never identify a test set: a summary with neither is refused."""
     if evaluation.get("test_set_id"):
         return str(evaluation["test_set_id"])
-    cases = sorted(str(c["case"]) for c in evaluation.get("metric_per_case", []))
-    if not cases:
+    entries = evaluation.get("metric_per_case", [])
+    if not entries:
         raise UserError("evaluation summary lists no cases (metric_per_case); run masksam evaluate")
-    digest = hashlib.sha256("\n".join(cases).encode())
-    ref = Path(str(evaluation.get("reference_folder", "")))
-    if ref.is_dir():
-        for case in cases:
-            for path in sorted(ref.glob(f"{case}.*")):
-                digest.update(f"{path.name}:{sha256_file(path)}".encode())
-    return digest.hexdigest()
-
-
-def mean_dice(evaluation: dict[str, Any], path: Path) -> float:
-    try:
-        return float(evaluation["foreground_mean"]["Dice"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise UserError(f"{path}: no foreground_mean.Dice; it is not a masksam evaluate summary") from exc
+    refs = {str(c["case"]): [c.get("reference_file", "")] for c in entries}
+    if not all(ref and Path(ref).is_file() for files in refs.values() for ref in files):
+        raise UserError("evaluation summary records no test_set_id and its reference files are not all "
+                        "on disk, so the test set cannot be identified by content; rerun masksam evaluate")
+    return test_set_digest(refs)
 
 
 def decide_alias(client, name: str, new_version: str, new_dice: float, new_test_set: str,
-                 alias: str = "champion") -> Decision:
-    """Move ``alias`` to the new version only if it beats the current holder on the same test
-    set; otherwise tag the new version ``challenger``."""
+                 alias: str = "champion", min_dice: float = 0.0) -> Decision:
+    """Move ``alias`` to the new version only if its mean Dice reaches ``min_dice`` and beats the
+    current holder's on the same test set (same content hash); otherwise tag the new version
+    ``challenger``. A model below the floor never becomes champion, even with no champion yet."""
     from mlflow.exceptions import MlflowException
 
     try:
         current = client.get_model_version_by_alias(name, alias)
     except MlflowException:
         current = None
-    if current is None or current.version == new_version:
+    previous = None if current is None else current.version
+    if not new_dice >= min_dice:  # NaN fails too
+        reason = (f"mean Dice {new_dice:.4f} is below the floor register.min_dice = {min_dice:g}; "
+                  f"{alias} not moved")
+    elif current is None or current.version == new_version:
         client.set_registered_model_alias(name, alias, new_version)
-        return Decision(new_version, alias, f"no current {alias}", None)
+        return Decision(new_version, alias, f"no current {alias}; mean Dice {new_dice:.4f} >= floor "
+                        f"{min_dice:g}", None)
+    else:
+        reason = _compare_with(current, alias, new_dice, new_test_set)
+        if reason is None:
+            client.set_registered_model_alias(name, alias, new_version)
+            return Decision(new_version, alias, f"mean Dice {new_dice:.4f} > {alias} v{current.version}'s "
+                            f"{float(current.tags['eval.mean_dice']):.4f} on the same test set", previous)
+    client.set_registered_model_alias(name, "challenger", new_version)
+    return Decision(new_version, "challenger", reason, previous)
+
+
+def _compare_with(current, alias: str, new_dice: float, new_test_set: str) -> str | None:
+    """None when the new version beats ``current`` on the same test set, else why not."""
     tags = current.tags or {}
     old_set, old_dice = tags.get("test_set_id"), tags.get("eval.mean_dice")
     if old_set != new_test_set or old_dice is None:
-        reason = (f"not comparable: {alias} v{current.version} was evaluated on test set "
-                  f"{str(old_set)[:12]}, this version on {new_test_set[:12]}")
-    elif new_dice > float(old_dice):
-        client.set_registered_model_alias(name, alias, new_version)
-        return Decision(new_version, alias, f"mean Dice {new_dice:.4f} > {alias} v{current.version}'s "
-                        f"{float(old_dice):.4f} on the same test set", current.version)
-    else:
-        reason = (f"mean Dice {new_dice:.4f} <= {alias} v{current.version}'s {float(old_dice):.4f} on "
-                  "the same test set")
-    client.set_registered_model_alias(name, "challenger", new_version)
-    return Decision(new_version, "challenger", reason, current.version)
+        return (f"not comparable: {alias} v{current.version} was evaluated on test set "
+                f"{str(old_set)[:12]}, this version on {new_test_set[:12]}")
+    if new_dice > float(old_dice):
+        return None
+    return f"mean Dice {new_dice:.4f} <= {alias} v{current.version}'s {float(old_dice):.4f} on the same test set"
 
 
 def register(train_dir: str | os.PathLike, export_dir: str | os.PathLike, eval_file: str | os.PathLike, *,
              model_name: str = "masksam", alias: str = "champion", experiment: str = "masksam",
-             tracking_uri: str | None = None) -> Decision:
-    """Log ``export_dir``'s ONNX model as a pyfunc, register it and decide its alias."""
+             tracking_uri: str | None = None, min_dice: float = 0.0) -> Decision:
+    """Log ``export_dir``'s ONNX model as a pyfunc, register it and decide its alias (never
+    ``alias`` below ``min_dice``, see :func:`decide_alias`)."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -244,7 +251,7 @@ def register(train_dir: str | os.PathLike, export_dir: str | os.PathLike, eval_f
     version_tags.update(manifest_sha256=manifest_sha, register_run_id=run.info.run_id)
     registered = mlflow.register_model(info.model_uri, model_name, tags=version_tags)
     new_version = str(registered.version)
-    decision = decide_alias(MlflowClient(), model_name, new_version, dice, test_set, alias)
+    decision = decide_alias(MlflowClient(), model_name, new_version, dice, test_set, alias, min_dice)
     log.info("registered %s version %s (run %s; manifest of %d files, sha256 %s)", model_name,
              new_version, run.info.run_id, n_files, manifest_sha)
     return decision

@@ -60,12 +60,53 @@ def test_test_set_id_depends_on_cases_and_reference_content(tmp_path):
     ref = tmp_path / "ref"
     ref.mkdir()
     (ref / "a.nii.gz").write_bytes(b"1")
-    ev = {"metric_per_case": [{"case": "a"}], "reference_folder": str(ref)}
+    ev = {"metric_per_case": [{"case": "a", "reference_file": str(ref / "a.nii.gz")}]}
     first = test_set_id(ev)
     (ref / "a.nii.gz").write_bytes(b"2")
     assert test_set_id(ev) != first
+    assert test_set_id({**ev, "test_set_id": "recorded"}) == "recorded"  # evaluate's own record wins
     with pytest.raises(UserError):
         test_set_id({"metric_per_case": []})
+    # names alone never identify a test set: the references are gone and nothing was recorded
+    (ref / "a.nii.gz").unlink()
+    with pytest.raises(UserError, match="by content"):
+        test_set_id(ev)
+
+
+def test_test_set_digest_sees_content_not_only_names(tmp_path):
+    from masksam.components.data.manifest import test_set_digest
+
+    for case in ("a", "b"):
+        (tmp_path / f"{case}_0000.nii.gz").write_bytes(case.encode())
+        (tmp_path / f"{case}.nii.gz").write_bytes(b"label " + case.encode())
+    files = {c: [tmp_path / f"{c}_0000.nii.gz", tmp_path / f"{c}.nii.gz"] for c in ("a", "b")}
+    first = test_set_digest(files)
+    assert test_set_digest(dict(reversed(list(files.items())))) == first  # order does not matter
+    (tmp_path / "b.nii.gz").write_bytes(b"relabelled")  # same names, another reference
+    assert test_set_digest(files) != first
+    (tmp_path / "a_0000.nii.gz").unlink()
+    with pytest.raises(UserError, match="a_0000.nii.gz"):
+        test_set_digest(files)
+
+
+def test_model_below_the_dice_floor_is_never_champion(tracking, tmp_path):
+    from mlflow import MlflowClient
+
+    from masksam.components.register import decide_alias
+
+    client = MlflowClient()
+    client.create_registered_model("f")
+    v1 = _version(client, "f", tmp_path, 0.0, "setA")
+    d = decide_alias(client, "f", v1, 0.0, "setA", min_dice=0.5)  # no champion yet: still refused
+    assert d.alias == "challenger" and "below the floor" in d.reason
+    v2 = _version(client, "f", tmp_path, float("nan"), "setA")
+    assert decide_alias(client, "f", v2, float("nan"), "setA", min_dice=0.0).alias == "challenger"
+    v3 = _version(client, "f", tmp_path, 0.6, "setA")
+    assert decide_alias(client, "f", v3, 0.6, "setA", min_dice=0.5).alias == "champion"
+    v4 = _version(client, "f", tmp_path, 0.4, "setA")  # better than nothing is not enough
+    d = decide_alias(client, "f", v4, 0.4, "setA", min_dice=0.5)
+    assert d.alias == "challenger" and d.previous_champion == v3
+    assert client.get_model_version_by_alias("f", "champion").version == v3
 
 
 def test_stage_code_is_importable_package(tmp_path):

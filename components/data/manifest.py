@@ -146,3 +146,18 @@ def verify_manifest(directory: str | os.PathLike, progress: bool = True) -> Mani
     diff.missing = sorted(set(rec_files) - set(current))
     diff.dataset_sha256 = dataset_hash(current)
     return diff
+
+
+def test_set_digest(files_by_case: dict[str, list[str | os.PathLike]]) -> str:
+    """sha256 identifying a test set by CONTENT: per case (sorted), the name and sha256 of each of
+    its files (image channels and reference label). Two evaluations are comparable only when
+    this agrees: the same case names with a relabelled reference or a changed scan differ."""
+    if not files_by_case:
+        raise UserError("the test set holds no cases; nothing to identify")
+    digest = hashlib.sha256()
+    for case in sorted(files_by_case):
+        for path in sorted(Path(p) for p in files_by_case[case]):
+            if not path.is_file():
+                raise UserError(f"{path}: file of test case '{case}' is missing; cannot identify the test set")
+            digest.update(f"{case}\t{path.name}\t{sha256_file(path)}\n".encode())
+    return digest.hexdigest()
