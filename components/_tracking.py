@@ -32,6 +32,7 @@ import socket
 import subprocess
 import time
 import unicodedata
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
 
@@ -289,6 +290,68 @@ def lineage_tags(plan: Mapping[str, Any] | None = None, raw_dir: str | os.PathLi
     return tags
 
 
+# MLflow 3's UI opens an experiment on its GenAI view (traces, prompts) unless this tag says it
+# holds model training runs; then it opens on the runs table.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+EXPERIMENT_DESCRIPTION = ("MaskSAM: prompt-free SAM for 3D medical image segmentation. Training runs "
+                          "(learning curves, overlays, test metrics, the logged ONNX model) and "
+                          "their registered versions.")
+
+
+def ensure_experiment(client, name: str) -> str:
+    """The id of experiment ``name`` (created if missing), tagged as a model-training experiment
+    (so the UI opens on its runs) with a description unless it already has one."""
+    exp = client.get_experiment_by_name(name)
+    exp_id = exp.experiment_id if exp else client.create_experiment(name)
+    tags = dict(exp.tags) if exp else {}
+    if tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    if not tags.get("mlflow.note.content"):
+        client.set_experiment_tag(exp_id, "mlflow.note.content", EXPERIMENT_DESCRIPTION)
+    return exp_id
+
+
+def run_context_tags(command: str, tags: Mapping[str, str] | None = None) -> dict[str, str]:
+    """MLflow's standard run tags, as ``mlflow.start_run`` sets them (user, source type), with
+    the source named after the masksam verb and the project's git commit, plus ``tags``."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    resolved = dict(resolve_tags(dict(tags or {})))
+    resolved["mlflow.source.name"] = command
+    if os.environ.get("KFP_POD_NAME") or os.environ.get("KUBERNETES_SERVICE_HOST"):
+        resolved["mlflow.source.type"] = "JOB"
+    commit = git_commit()
+    if commit and commit != "unknown":
+        resolved.setdefault("mlflow.source.git.commit", commit.removesuffix("-dirty"))
+    return {k: str(v) for k, v in resolved.items()}
+
+
+def dataset_input(raw_dir: str | os.PathLike, context: str = "training"):
+    """The raw dataset as an MLflow run input (``mlflow.data``): its folder as source, the
+    dataset.json name, and the manifest's ``dataset_sha256`` as digest (cut to MLflow's 36
+    characters; the full hash is the run's ``data.dataset_sha256`` tag). None when the folder
+    has no manifest (``masksam data manifest`` writes it)."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    raw = Path(raw_dir)
+    try:
+        manifest = json.loads((raw / "manifest.json").read_text())
+        name = str(json.loads((raw / "dataset.json").read_text()).get("name") or raw.name)
+    except (OSError, ValueError):
+        return None
+    digest = str(manifest.get("dataset_sha256") or "")[:36]
+    if not digest:
+        return None
+    with warnings.catch_warnings():  # "can be interpreted in multiple ways": both are local folders
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(str(raw.resolve()))
+    dataset = MetaDataset(source, name=name, digest=digest)
+    return DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
+
+
 class RunLogger:
     """One MLflow run whose every call is bounded (:func:`bounded_call`). ``enabled=False`` does
     nothing (non-zero ranks of a distributed run, or ``--no-mlflow``).
@@ -349,13 +412,13 @@ class RunLogger:
             except Exception as exc:
                 log.warning("cannot reopen MLflow run %s (%s); starting a new run", run_id, first_line(exc))
         if self.run_id is None:
-            exp = self._call(self.client.get_experiment_by_name, self.experiment, what="get experiment")
-            exp_id = exp.experiment_id if exp else self._call(
-                self.client.create_experiment, self.experiment, what="create experiment")
+            exp_id = self._call(ensure_experiment, self.client, self.experiment, what="get experiment")
             if exp_id is None:
                 raise UserError(f"MLflow at {self.uri} refused to create experiment {self.experiment!r}; "
                                 "pick another --experiment")
-            run = self._call(self.client.create_run, exp_id, run_name=run_name, what="create run")
+            context = run_context_tags(f"masksam {run_name.split('-')[0]}")
+            run = self._call(self.client.create_run, exp_id, run_name=run_name, tags=context,
+                             what="create run")
             if run is None:
                 raise UserError(f"MLflow at {self.uri} refused to create a run in experiment "
                                 f"{self.experiment!r} (is it deleted? restore it or pick another --experiment)")
@@ -367,6 +430,17 @@ class RunLogger:
             self._call(self.client.log_batch, self.run_id, tags=items[i:i + 100], synchronous=True,
                        what="set tags")
         return self.run_id
+
+    def log_dataset(self, raw_dir: str | os.PathLike | None, context: str = "training") -> None:
+        """Log the raw dataset as the run's input (:func:`dataset_input`), if it has a manifest."""
+        if not self.run_id or raw_dir is None:
+            return
+        entry = dataset_input(raw_dir, context)
+        if entry is None:
+            log.warning("%s: no manifest.json, so the dataset is not logged as the run's input "
+                        "(write one with masksam data manifest)", raw_dir)
+            return
+        self._call(self.client.log_inputs, self.run_id, datasets=[entry], what="log dataset input")
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log flat params in batches of 100 (MLflow's limit). Values already logged are kept."""
