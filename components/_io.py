@@ -18,8 +18,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import yaml
-
 from masksam.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -340,39 +338,13 @@ def write_image(image, path: str | os.PathLike, compress: bool = True) -> None:
 
 
 def load_params(path: str | os.PathLike = "params.yaml", section: str | None = None) -> dict:
-    """Load params.yaml (or one section of it); a missing file or section is a UserError."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"parameters file not found: {path} (run from the project root or pass --params)")
-    try:
-        params = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path} is not valid YAML: {exc}") from exc
+    """Raw params.yaml (or one section): kept only for components/train.py until it reads
+    ``masksam.components.params.load_params`` (typed, checked) like every other verb."""
+    from masksam.components.params import read_params_file
+
+    params = read_params_file(path)
     if section is None:
         return params
     if section not in params:
         raise UserError(f"{path} has no '{section}:' section")
     return params[section] or {}
-
-
-def params_or_default(path: str | os.PathLike | None) -> dict:
-    """The whole params file for a verb's ``--params``: an explicit path must exist; without
-    one, ``params.yaml`` in the working directory is read when present, else nothing."""
-    if path is None:
-        return load_params("params.yaml") if Path("params.yaml").is_file() else {}
-    return load_params(path)
-
-
-def section(params: dict, name: str) -> dict:
-    """``params[name]`` or ``{}`` (a missing or empty section means "all defaults")."""
-    value = params.get(name)
-    return value if isinstance(value, dict) else {}
-
-
-def pick_option(cli_value: Any, params: dict, key: str, default: Any = None) -> Any:
-    """One rule for every verb: an explicit CLI option overrides params.yaml, which overrides
-    the built-in default (a ``null`` in params.yaml means "use the default")."""
-    if cli_value is not None:
-        return cli_value
-    value = params.get(key)
-    return default if value is None else value

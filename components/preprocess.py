@@ -21,6 +21,7 @@ import zipfile
 import zlib
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -31,7 +32,8 @@ from tqdm import tqdm
 from masksam import __version__
 from masksam.components import _fingerprint as fp
 from masksam.components._dataset import PLAN_VERSION, load_case, load_plan  # noqa: F401 (re-exported)
-from masksam.components._io import (check_output_dir, load_params, owned_output_dir, pick_option, read_image)
+from masksam.components._io import check_output_dir, owned_output_dir, read_image
+from masksam.components.params import PreprocessParams, add_params_arguments, params_from_args, pick
 from masksam.components._resample import (CANONICAL_ORIENTATION, IMAGE_INTERPOLATORS, LABEL_MODES,
                                           Grid, orientation_of, reorient, resample_image,
                                           resample_label, resample_probabilities, target_grid)
@@ -42,14 +44,12 @@ from masksam.errors import UserError
 
 log = logging.getLogger(__name__)
 
+# preprocess_dataset's keyword defaults: the params defaults (components/params.py), except the
+# target spacing, which a library call derives from the dataset (median, nnU-Net's rule) unless told
 DEFAULTS: dict[str, Any] = {
+    **{k: v for k, v in asdict(PreprocessParams()).items() if k not in ("out", "target_spacing", "workers")},
     "target_spacing": None,  # None: the dataset's median (nnU-Net rule)
     "workers": min(8, os.cpu_count() or 1),
-    "folds": 5,
-    "seed": 0,
-    "test_fraction": 0.2,
-    "image_interp": "linear",
-    "label_interp": "nearest",
 }
 NPZ_COMPRESSLEVEL = 1  # zlib level: float volumes barely compress further, level 6 is 4x slower
 
@@ -488,24 +488,18 @@ def _plan_and_write(plan: dict, splits: dict, cases: dict, out_dir, target_spaci
 # ----------------------------------------------------------------------------------------------
 
 def _run(args: argparse.Namespace) -> int:
-    params = load_params(args.params, "preprocess") if args.params else {}
-    raw = args.raw
-    if raw is None and args.params:
-        raw = (load_params(args.params).get("data") or {}).get("out")
-    out = args.out or params.get("out")
-    if raw is None or out is None:
-        raise UserError("pass --raw DIR and --out DIR (or --params params.yaml with data.out and "
-                        "preprocess.out)")
-
-    def pick(name: str):
-        return pick_option(getattr(args, name), params, name, DEFAULTS[name])
-
+    """Options given win, else params' preprocess: section (data.out is the raw dataset);
+    ``--spacing-strategy median`` overrides preprocess.target_spacing with the median rule."""
+    params = params_from_args(args)
+    pre = params.preprocess
     target = args.target_spacing
     if target is None and args.spacing_strategy is None:
-        target = params.get("target_spacing")
-    preprocess_dataset(raw, out, target_spacing=target, workers=pick("workers"), folds=pick("folds"),
-                       seed=pick("seed"), test_fraction=pick("test_fraction"),
-                       image_interp=pick("image_interp"), label_interp=pick("label_interp"),
+        target = pre.target_spacing
+    preprocess_dataset(pick(args.raw, params.data.out), pick(args.out, pre.out), target_spacing=target,
+                       workers=pick(args.workers, pick(pre.workers, DEFAULTS["workers"])), folds=pick(args.folds, pre.folds),
+                       seed=pick(args.seed, pre.seed), test_fraction=pick(args.test_fraction, pre.test_fraction),
+                       image_interp=pick(args.image_interp, pre.image_interp),
+                       label_interp=pick(args.label_interp, pre.label_interp),
                        progress=not args.no_progress, force=args.force)
     return 0
 
@@ -528,7 +522,9 @@ def register_cli(subparsers) -> None:
                          help="target voxel spacing in mm, x y z order")
     spacing.add_argument("--spacing-strategy", choices=["median"],
                          help="derive the spacing from the fingerprint: per-axis median, with "
-                         "nnU-Net's 10th-percentile rule for an anisotropic axis (default)")
+                         "nnU-Net's 10th-percentile rule for an anisotropic axis (also what "
+                         "preprocess.target_spacing: null selects; default: preprocess.target_spacing "
+                         f"of --params, {PreprocessParams().target_spacing})")
     p.add_argument("--workers", type=int, metavar="N",
                    help=f"parallel worker processes (default: {DEFAULTS['workers']}, min(8, CPUs))")
     p.add_argument("--folds", type=int, metavar="K", help=f"cross-validation folds (default {DEFAULTS['folds']})")
@@ -541,8 +537,7 @@ def register_cli(subparsers) -> None:
     p.add_argument("--label-interp", choices=list(LABEL_MODES),
                    help="label resampling: nearest neighbour, or label_aware = per-label linear + "
                    f"argmax like nnU-Net (default {DEFAULTS['label_interp']})")
-    p.add_argument("--params", metavar="FILE",
-                   help="optional params.yaml: its 'preprocess' section fills options not given here "
-                   "(and data.out fills --raw)")
+    add_params_arguments(p, "params file: its preprocess: section fills the options not given here and "
+                         "data.out fills --raw (default: params.yaml when present, else the built-in defaults)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
     p.set_defaults(func=_run)

@@ -11,30 +11,20 @@ import argparse
 import sys
 from pathlib import Path
 
-from masksam.components._io import pick_option
+from masksam.components.params import add_params_arguments, params_from_args, pick
 from masksam.errors import UserError
 
 IMPORT_FORMATS = ("nnunet", "msd", "amos", "synapse", "acdc")
 
 
-def _params(args: argparse.Namespace) -> dict:
-    if getattr(args, "params", None) is None:
-        return {}
-    from masksam.components._io import load_params
-
-    return load_params(args.params, "data")
-
-
 def _run_phantom(args: argparse.Namespace) -> int:
+    """Options given win, else params' data: section (whose defaults are components/params.py's)."""
     from masksam.components.data.phantom import generate_phantom
 
-    p = _params(args)
-    out = pick_option(args.out, p, "out")
-    if out is None:
-        raise UserError("no output folder: pass --out DIR (or --params params.yaml with data.out)")
+    p = params_from_args(args).data
+    out = pick(args.out, p.out)
     generate_phantom(
-        out, cases=int(pick_option(args.cases, p, "cases", 24)), seed=int(pick_option(args.seed, p, "seed", 0)),
-        size_xyz=[int(v) for v in pick_option(args.size, p, "size", [160, 160, 40])],
+        out, cases=pick(args.cases, p.cases), seed=pick(args.seed, p.seed), size_xyz=list(pick(args.size, p.size)),
         workers=int(args.workers), progress=not args.no_progress, force=bool(args.force),
     )
     print(f"phantom dataset written to {out}")
@@ -44,34 +34,31 @@ def _run_phantom(args: argparse.Namespace) -> int:
 def _run_import(args: argparse.Namespace) -> int:
     from masksam.components.data.importers import import_dataset
 
-    p = _params(args)
-    fmt = pick_option(args.format, p, "source")
-    src = pick_option(args.src, p, "src")
-    dst = pick_option(args.dst, p, "out")
-    if fmt is None or src is None or dst is None:
-        raise UserError("import needs --format, SRC and DST (or --params params.yaml with data.source, data.src, data.out)")
-    if fmt not in IMPORT_FORMATS:
-        raise UserError(f"unknown --format {fmt!r}; choose one of {', '.join(IMPORT_FORMATS)}")
-    modality = args.modality if args.modality is not None else (p.get("modality") if fmt == "amos" else None)
-    report = import_dataset(fmt, src, dst, modality=modality, subset=args.subset, progress=not args.no_progress,
-                            force=bool(args.force))
+    params = params_from_args(args)
+    p = params.data
+    fmt = pick(args.format, p.source if p.source in IMPORT_FORMATS else None)
+    src = pick(args.src, p.src)
+    if fmt is None or src is None:
+        raise UserError(f"import needs --format and SRC (or --params with data.source one of "
+                        f"{', '.join(IMPORT_FORMATS)} and data.src; {params.source} has data.source "
+                        f"{p.source!r}, data.src {p.src!r})")
+    modality = pick(args.modality, p.modality if fmt == "amos" else None)
+    subset = pick(args.subset, p.subset if fmt == "synapse" else None)
+    report = import_dataset(fmt, src, pick(args.dst, p.out), modality=modality, subset=subset,
+                            progress=not args.no_progress, force=bool(args.force))
     print(report)
     return 0
 
 
 def _run_fetch(args: argparse.Namespace) -> int:
     """Make the raw dataset that params.yaml's data: section names: the phantom or an import."""
-    p = _params(args)
-    source = p.get("source", "phantom")
+    source = params_from_args(args).data.source
+    common = dict(params=args.params, set_overrides=args.set_overrides, no_progress=args.no_progress,
+                  force=args.force)
     if source == "phantom":
         return _run_phantom(argparse.Namespace(out=None, cases=None, seed=None, size=None, workers=args.workers,
-                                               params=args.params, no_progress=args.no_progress,
-                                               force=args.force))
-    if source in IMPORT_FORMATS:
-        return _run_import(argparse.Namespace(format=None, src=None, dst=None, modality=None, subset=p.get("subset"),
-                                              params=args.params, no_progress=args.no_progress,
-                                              force=args.force))
-    raise UserError(f"{args.params}: data.source is {source!r}; use 'phantom' or one of {', '.join(IMPORT_FORMATS)}")
+                                               **common))
+    return _run_import(argparse.Namespace(format=None, src=None, dst=None, modality=None, subset=None, **common))
 
 
 def _run_validate(args: argparse.Namespace) -> int:
@@ -128,7 +115,8 @@ def register_cli(subparsers) -> None:
     ph.add_argument("--size", type=int, nargs=3, metavar=("X", "Y", "Z"),
                     help="voxels per case (default 160 160 40: an infant-sized abdomen; 512 512 120: adult CT)")
     ph.add_argument("--workers", type=int, default=1, help="parallel processes, one case each (default 1)")
-    ph.add_argument("--params", help="read defaults from this params.yaml's data: section")
+    add_params_arguments(ph, "read defaults from this params file's data: section (default: params.yaml "
+                         "when present, else the built-in defaults)")
     force(ph)
     common(ph)
     ph.set_defaults(func=_run_phantom)
@@ -145,7 +133,8 @@ def register_cli(subparsers) -> None:
                     help="amos only: CT cases (ids < 500, default), MR cases (>= 500) or all")
     im.add_argument("--subset", type=int, choices=(8,),
                     help="synapse only: keep the TransUNet 8 organs, relabelled 1..8")
-    im.add_argument("--params", help="read defaults from this params.yaml's data: section")
+    add_params_arguments(im, "read defaults from this params file's data: section (default: params.yaml "
+                         "when present)")
     force(im)
     common(im)
     im.set_defaults(func=_run_import)
@@ -169,7 +158,7 @@ def register_cli(subparsers) -> None:
                         "(data.source: nnunet|msd|amos|synapse|acdc, data.src: its folder) into data.out, as "
                         "params.yaml's data: section says. The same as calling `phantom` or `import` with "
                         "--params.")
-    fe.add_argument("--params", default="params.yaml", help="params.yaml to read (default: %(default)s)")
+    add_params_arguments(fe, "params file to read (default: %(default)s)", default="params.yaml")
     fe.add_argument("--workers", type=int, default=1, help="parallel processes for the phantom (default 1)")
     force(fe)
     common(fe)
