@@ -260,29 +260,44 @@ def validate_dataset(
     if not root.is_dir():
         raise UserError(f"{root}: dataset folder not found")
     report = ValidationReport(root=str(root))
-    meta_path = root / "dataset.json"
-    try:
-        meta = read_json(meta_path, what="dataset.json")
-    except UserError as exc:
-        report.error(meta_path, str(exc).replace(f"{meta_path}", "").strip(" :") or "unreadable")
+    meta = _read_dataset_json(root / "dataset.json", report)
+    if meta is None:
         return report
-    if not check_schema(meta, meta_path, report):
-        return report
-    report.dataset = meta
-    fe = meta["file_ending"]
-    labels = {k: v for k, v in sorted(meta["labels"].items(), key=lambda kv: kv[1])}
-    report.labels = labels
-    declared = np.zeros(256, bool)
-    declared[list(labels.values())] = True
-    n_channels = len(meta["channel_names"])
-
+    run = _Run(report, meta, strict, read_pixels)
     images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
     for d in (images_dir, labels_dir):
         if not d.is_dir():
             report.error(d, "folder is missing")
     if not report.ok:
         return report
-    image_cases = _index_images(images_dir, fe, report)
+    image_cases = _index_images(images_dir, run.fe, report)
+    label_files = _index_labels(labels_dir, run.fe, report)
+    _check_case_lists(root / "dataset.json", meta, image_cases, label_files, report)
+    for case in tqdm(sorted(image_cases), desc="validating", unit="case", disable=not progress):
+        run.check_case(case, image_cases[case], label_files.get(case), images_dir, labels_dir)
+    _check_test_images(root / "imagesTs", run, report)
+    if read_pixels and report.cases:
+        run.class_statistics()
+    return report
+
+
+def _read_dataset_json(meta_path: Path, report: ValidationReport) -> dict | None:
+    """dataset.json when it is readable and its schema usable (else None, the problems reported);
+    sets ``report.dataset`` and ``report.labels`` (sorted by value)."""
+    try:
+        meta = read_json(meta_path, what="dataset.json")
+    except UserError as exc:
+        report.error(meta_path, str(exc).replace(f"{meta_path}", "").strip(" :") or "unreadable")
+        return None
+    if not check_schema(meta, meta_path, report):
+        return None
+    report.dataset = meta
+    report.labels = {k: v for k, v in sorted(meta["labels"].items(), key=lambda kv: kv[1])}
+    return meta
+
+
+def _index_labels(labels_dir: Path, fe: str, report: ValidationReport) -> dict[str, Path]:
+    """case -> label file for ``{case}{file_ending}`` files in ``labels_dir``."""
     label_files = {}
     for p in sorted(labels_dir.iterdir()):
         if p.name.startswith("."):
@@ -291,31 +306,71 @@ def validate_dataset(
             label_files[p.name[: -len(fe)]] = p
         else:
             report.warn(p, f"ignored: does not end with file_ending {fe}")
+    return label_files
+
+
+def _check_case_lists(meta_path: Path, meta: dict, image_cases: dict, label_files: dict[str, Path],
+                      report: ValidationReport) -> None:
+    """Labels without images, numTraining against imagesTr, fixed_test_cases that do not exist."""
+    fe = meta["file_ending"]
     for case in sorted(set(label_files) - set(image_cases)):
         report.error(label_files[case], f"label without image: imagesTr/{case}_0000{fe} is missing")
-    case_ids = sorted(image_cases)
-    if meta["numTraining"] != len(case_ids):
-        report.error(meta_path, f"numTraining is {meta['numTraining']} but imagesTr holds {len(case_ids)} cases")
+    if meta["numTraining"] != len(image_cases):
+        report.error(meta_path, f"numTraining is {meta['numTraining']} but imagesTr holds {len(image_cases)} cases")
     for case in meta.get("fixed_test_cases", []) or []:
         if isinstance(case, str) and case not in image_cases:
             report.error(meta_path, f"fixed_test_cases names '{case}', which is not a training case")
 
-    value_count = np.zeros(256, np.int64)
-    case_count = np.zeros(256, np.int64)
-    for case in tqdm(case_ids, desc="validating", unit="case", disable=not progress):
-        channels = image_cases[case]
-        for c in range(n_channels):
+
+def _check_test_images(images_ts: Path, run: "_Run", report: ValidationReport) -> None:
+    """imagesTs/ (optional): every declared channel present, every header readable and 3D."""
+    if not images_ts.is_dir():
+        return
+    for case, channels in _index_images(images_ts, run.fe, report).items():
+        for c in range(run.n_channels):
             if c not in channels:
-                report.error(images_dir / f"{case}_{c:04d}{fe}", "channel image is missing")
-        for c in sorted(set(channels) - set(range(n_channels))):
-            report.error(channels[c], f"channel {c} is not declared in channel_names (0..{n_channels - 1})")
-        label_path = label_files.get(case)
+                report.error(images_ts / f"{case}_{c:04d}{run.fe}", "channel image is missing")
+            else:
+                _check_header(channels[c], report)
+
+
+class _Run:
+    """One validation pass over the training cases: the settings and the label statistics."""
+
+    def __init__(self, report: ValidationReport, meta: dict, strict: bool, read_pixels: bool) -> None:
+        self.report, self.strict, self.read_pixels = report, strict, read_pixels
+        self.fe = meta["file_ending"]
+        self.n_channels = len(meta["channel_names"])
+        self.declared = np.zeros(256, bool)
+        self.declared[list(report.labels.values())] = True
+        self.value_count = np.zeros(256, np.int64)
+        self.case_count = np.zeros(256, np.int64)
+
+    def check_case(self, case: str, channels: dict[int, Path], label_path: Path | None,
+                   images_dir: Path, labels_dir: Path) -> None:
+        """Channels present and declared, headers, geometry against the label, pixel values;
+        a case whose label header is usable is added to ``report.cases``."""
+        report = self.report
+        for c in range(self.n_channels):
+            if c not in channels:
+                report.error(images_dir / f"{case}_{c:04d}{self.fe}", "channel image is missing")
+        for c in sorted(set(channels) - set(range(self.n_channels))):
+            report.error(channels[c], f"channel {c} is not declared in channel_names (0..{self.n_channels - 1})")
         if label_path is None:
-            report.error(labels_dir / f"{case}{fe}", "label file is missing")
+            report.error(labels_dir / f"{case}{self.fe}", "label file is missing")
         label_header = _check_header(label_path, report) if label_path is not None else None
+        self._check_channels(channels, label_header)
+        if label_header is None:
+            return
+        classes = self._label_classes(label_path) if self.read_pixels else []
+        if classes is not None:
+            report.cases.append(CaseInfo(case, label_header["size"], label_header["spacing"], classes))
+
+    def _check_channels(self, channels: dict[int, Path], label_header: dict | None) -> None:
+        """Each declared channel's header, its geometry against the label (else channel 0), its values."""
         ref = label_header
-        for c in sorted(ch for ch in channels if ch < n_channels):
-            header = _check_header(channels[c], report)
+        for c in sorted(ch for ch in channels if ch < self.n_channels):
+            header = _check_header(channels[c], self.report)
             if header is None:
                 continue
             if ref is None:
@@ -323,50 +378,43 @@ def validate_dataset(
             else:
                 for what in geometry_mismatch(ref, header):
                     other = "label" if ref is label_header else "channel 0"
-                    report.error(channels[c], f"geometry differs from the {other}: {what}")
-            if read_pixels:
-                arr = _read_pixels(channels[c], report)
+                    self.report.error(channels[c], f"geometry differs from the {other}: {what}")
+            if self.read_pixels:
+                arr = _read_pixels(channels[c], self.report)
                 problem = nonfinite_problem(arr) if arr is not None and not is_nifti(channels[c]) else None
                 if problem:
-                    report.error(channels[c], problem)
-        if label_header is None:
-            continue
-        classes: list[int] = []
-        if read_pixels:
-            arr = _read_pixels(label_path, report)
-            if arr is not None:
-                if arr.dtype.kind == "f":
-                    if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
-                        report.error(label_path, "label holds non-integer values (write labels as integers)")
-                        continue
-                    report.warn(label_path, f"label stored as {arr.dtype}; integers (uint8) are expected")
-                values, counts = np.unique(arr, return_counts=True)
-                values = values.astype(np.int64)
-                undeclared = [int(v) for v in values if v < 0 or v > 255 or not declared[v]]
-                if undeclared:
-                    report.error(label_path, f"values {undeclared} are not declared in dataset.json labels")
-                ok = (values >= 0) & (values <= 255)
-                np.add.at(value_count, values[ok], counts[ok])
-                np.add.at(case_count, values[ok], 1)
-                classes = [int(v) for v in values]
-                if not any(v > 0 for v in classes):
-                    msg = "label is empty (background only)"
-                    (report.error if strict else report.warn)(label_path, msg)
-        report.cases.append(CaseInfo(case, label_header["size"], label_header["spacing"], classes))
+                    self.report.error(channels[c], problem)
 
-    images_ts = root / "imagesTs"
-    if images_ts.is_dir():
-        for case, channels in _index_images(images_ts, fe, report).items():
-            for c in range(n_channels):
-                if c not in channels:
-                    report.error(images_ts / f"{case}_{c:04d}{fe}", "channel image is missing")
-                else:
-                    _check_header(channels[c], report)
+    def _label_classes(self, label_path: Path) -> list[int] | None:
+        """The label's values (counted into the statistics); None when they are not integers
+        (the case is then left out of the case table)."""
+        report = self.report
+        arr = _read_pixels(label_path, report)
+        if arr is None:
+            return []
+        if arr.dtype.kind == "f":
+            if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
+                report.error(label_path, "label holds non-integer values (write labels as integers)")
+                return None
+            report.warn(label_path, f"label stored as {arr.dtype}; integers (uint8) are expected")
+        values, counts = np.unique(arr, return_counts=True)
+        values = values.astype(np.int64)
+        undeclared = [int(v) for v in values if v < 0 or v > 255 or not self.declared[v]]
+        if undeclared:
+            report.error(label_path, f"values {undeclared} are not declared in dataset.json labels")
+        ok = (values >= 0) & (values <= 255)
+        np.add.at(self.value_count, values[ok], counts[ok])
+        np.add.at(self.case_count, values[ok], 1)
+        classes = [int(v) for v in values]
+        if not any(v > 0 for v in classes):
+            (report.error if self.strict else report.warn)(label_path, "label is empty (background only)")
+        return classes
 
-    if read_pixels and report.cases:
-        total = max(int(value_count.sum()), 1)
+    def class_statistics(self) -> None:
+        """Per class: the fraction of cases holding it and its share of all label voxels."""
+        report = self.report
+        total = max(int(self.value_count.sum()), 1)
         n = len(report.cases)
-        for name, value in labels.items():
-            report.class_case_fraction[name] = float(case_count[value]) / n
-            report.class_voxel_share[name] = float(value_count[value]) / total
-    return report
+        for name, value in report.labels.items():
+            report.class_case_fraction[name] = float(self.case_count[value]) / n
+            report.class_voxel_share[name] = float(self.value_count[value]) / total
