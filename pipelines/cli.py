@@ -114,7 +114,7 @@ def run_local(
 
 
 def cmd_run_local(args: argparse.Namespace) -> int:
-    from masksam.pipelines.steps import parse_set_options
+    from masksam.components.params import parse_set_options
 
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         log.warning("MLFLOW_TRACKING_URI is not set: the steps use MLflow's default store in %s", Path.cwd())
@@ -209,11 +209,13 @@ def _is_connection_error(exc: BaseException) -> bool:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from masksam.pipelines.pipeline import compile_pipeline
-    from masksam.pipelines.steps import parse_set_options
+    from masksam.components.params import apply_overrides, parse_set_options
 
     arguments = parse_params(args.param)
     if args.set:
-        arguments["overrides"] = json.dumps(parse_set_options(args.set))
+        overrides = parse_set_options(args.set)
+        apply_overrides({}, overrides)  # an unknown section or key fails here, not in the first task
+        arguments["overrides"] = json.dumps(overrides)
     with tempfile.TemporaryDirectory() as tmp:
         package = args.package
         if package is None:

@@ -18,7 +18,8 @@ from masksam.pipelines._defaults import DEFAULT_IMAGE  # noqa: E402  (re-exporte
 
 def data(params_json: str, overrides: str, repo_url: str, rev: str, path: str, dataset: Output[Dataset]):
     """The raw dataset: the user's DVC-tracked one at a git revision when repo_url is given
-    (commit and hash recorded), else the generated phantom CT dataset."""
+    (commit and hash recorded), else the generated phantom CT dataset (only when data.source
+    says phantom: a real source without a repository is refused)."""
     from masksam.pipelines import steps
 
     if repo_url:
@@ -77,12 +78,14 @@ def train_trainjob(data: Input[Dataset], raw: Input[Dataset], params_json: str, 
     model.metadata["framework"] = "pytorch"
 
 
-def evaluate(model: Input[Model], data: Input[Dataset], raw: Input[Dataset],
+def evaluate(model: Input[Model], data: Input[Dataset], raw: Input[Dataset], params_json: str, overrides: str,
              evaluation: Output[Dataset], metrics: Output[Metrics], report: Output[HTML]):
-    """Predict and score the held-out test cases: per-class Dice/HD95/NSD table and plots."""
+    """Predict and score the held-out test cases with the exported ONNX model (what register
+    publishes): per-class Dice/HD95/NSD table and plots."""
     from masksam.pipelines import steps
 
-    summary = steps.evaluate(model.path, data.path, raw.path, evaluation.path, report.path)
+    summary = steps.evaluate(model.path, data.path, raw.path, evaluation.path, params_json, overrides,
+                             report.path)
     names = summary.get("labels", {})
     for label, values in summary.get("mean", {}).items():
         for metric, value in steps.scalar_metrics(values).items():

@@ -26,6 +26,7 @@ from typing import Any, Sequence
 
 import yaml
 
+from masksam.components.params import Params, apply_overrides, load_params, params_from_dict
 from masksam.errors import UserError
 from masksam.pipelines import reports
 
@@ -51,51 +52,27 @@ def parse_overrides(overrides: str | dict | None) -> dict[str, Any]:
     return value
 
 
-def apply_overrides(params: dict, overrides: dict[str, Any]) -> dict:
-    """Return a copy of ``params`` with each ``section.key[.sub]`` set; unknown sections fail."""
-    merged = json.loads(json.dumps(params))
-    for dotted, value in overrides.items():
-        keys = dotted.split(".")
-        if len(keys) < 2 or not all(keys):
-            raise UserError(f"override {dotted!r}: expected section.key (e.g. train.steps)")
-        if keys[0] not in merged:
-            raise UserError(
-                f"override {dotted!r}: params.yaml has no '{keys[0]}:' section "
-                f"(sections: {', '.join(sorted(merged))})"
-            )
-        node = merged
-        for key in keys[:-1]:
-            if node.get(key) is None:
-                node[key] = {}
-            if not isinstance(node[key], dict):
-                raise UserError(f"override {dotted!r}: {key} is not a mapping in params.yaml")
-            node = node[key]
-        node[keys[-1]] = value
-    return merged
+def effective_params(params_json: str, overrides: str | dict | None) -> tuple[dict[str, Any], Params]:
+    """The compiled-in params text plus overrides: the raw mapping and its checked Params.
 
-
-def parse_set_options(items: Sequence[str]) -> dict[str, Any]:
-    """``["train.steps=2", "data.size=[32,32,8]"]`` -> dict; values are parsed as YAML scalars."""
-    result: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"--set {item!r}: expected section.key=value (e.g. train.steps=2)")
-        result[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
-    return result
+    Checked here, with the loader every verb uses, so a bad key or value fails in the first
+    task (or before submitting), named as a pipeline parameter.
+    """
+    try:  # JSON (what the pipeline carries) is YAML too, so a pasted params.yaml also works
+        raw = yaml.safe_load(params_json) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"pipeline parameter 'params_json' is neither JSON nor YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise UserError("pipeline parameter 'params_json' must hold a mapping (params.yaml's content)")
+    raw = apply_overrides(raw, parse_overrides(overrides))
+    return raw, params_from_dict(raw, "pipeline parameters params_json + overrides")
 
 
 def write_params(params_json: str, overrides: str | dict | None, directory: str | os.PathLike) -> Path:
-    """Write the effective params.yaml (compiled-in text plus overrides) into ``directory``."""
-    try:  # JSON (what the pipeline carries) is YAML too, so a pasted params.yaml also works
-        params = yaml.safe_load(params_json) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"pipeline parameter 'params_json' is neither JSON nor YAML: {exc}") from exc
-    if not isinstance(params, dict):
-        raise UserError("pipeline parameter 'params_json' must hold a mapping (params.yaml's content)")
-    params = apply_overrides(params, parse_overrides(overrides))
+    """Write the effective params.yaml (compiled-in text plus overrides, checked) into ``directory``."""
+    raw, _ = effective_params(params_json, overrides)
     path = Path(directory) / "params.yaml"
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
 
 
@@ -158,7 +135,17 @@ def dataset_identity(raw_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def phantom_data(out_dir: str, params_json: str, overrides: str) -> dict[str, Any]:
-    """Generate the phantom dataset into ``out_dir`` and write its manifest."""
+    """Generate the phantom dataset into ``out_dir`` and write its manifest.
+
+    Only when the params ask for it: a real ``data.source`` without a DVC repository is
+    refused, never silently replaced by generated data.
+    """
+    _, params = effective_params(params_json, overrides)
+    if params.data.source != "phantom":
+        raise UserError(
+            f"data.source is {params.data.source!r}, but no DVC repository was given: set the pipeline "
+            "parameters data_repo_url (and data_path, data_rev) to the DVC-tracked raw dataset, or "
+            "data.source: phantom for the generated demo data")
     with tempfile.TemporaryDirectory() as tmp:
         params = write_params(params_json, overrides, tmp)
         run_verb(["data", "phantom", "--params", params, "--out", out_dir, "--no-progress"])
@@ -278,11 +265,15 @@ def train(data_dir: str, raw_dir: str, out_dir: str, params_json: str, overrides
     return summary
 
 
-def evaluate(model_dir: str, data_dir: str, raw_dir: str, out_dir: str, report_path: str) -> dict[str, Any]:
-    """Predict the held-out test cases, score them; report per-class Dice with the plots."""
+def evaluate(model_dir: str, data_dir: str, raw_dir: str, out_dir: str, params_json: str, overrides: str,
+             report_path: str) -> dict[str, Any]:
+    """Predict the held-out test cases with ``model_dir`` (the exported ONNX folder: what is
+    registered is what is scored), score them; report per-class Dice with the plots."""
     out = Path(out_dir)
-    run_verb(["evaluate", "--model", model_dir, "--raw", raw_dir, "--preprocessed", data_dir,
-              "--out-dir", out, "--workers", "1", "--no-progress"])
+    with tempfile.TemporaryDirectory() as tmp:
+        params = write_params(params_json, overrides, tmp)
+        run_verb(["evaluate", "--params", params, "--model", model_dir, "--raw", raw_dir, "--preprocessed",
+                  data_dir, "--out-dir", out, "--workers", "1", "--no-progress"])
     summary = json.loads((out / "summary.json").read_text())
     names = summary.get("labels", {})
     mean = summary.get("mean", {})
@@ -316,7 +307,7 @@ def register(model_dir: str, onnx_dir: str, eval_dir: str, params_json: str, ove
         params = write_params(params_json, overrides, tmp)
         text = run_verb(["register", "--params", params, "--train", model_dir, "--export", onnx_dir,
                          "--eval", Path(eval_dir) / "summary.json"])
-        reg = yaml.safe_load(params.read_text()).get("register") or {}
-    name, alias = reg.get("model_name", "masksam"), reg.get("alias", "champion")
+        reg = load_params(params).register
+    name, alias = reg.model_name, reg.alias
     Path(report_path).write_text(f"# Model registry\n\n`models:/{name}@{alias}`\n\n```\n{text.strip()}\n```\n")
     return {"model_uri": f"models:/{name}@{alias}"}

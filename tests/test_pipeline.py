@@ -93,6 +93,36 @@ def test_dag_order_and_data_branches(compiled):
     assert tasks["data"]["inputs"]["parameters"]["repo_url"]["componentInputParameter"] == "data_repo_url"
 
 
+def test_evaluate_scores_the_export_with_the_run_parameters(compiled):
+    """data -> ... -> train -> export -> evaluate(the ONNX folder) -> register; evaluate gets the
+    params and the overrides like every step that runs a verb with --params."""
+    for spec in compiled:
+        tasks = _tasks(spec)
+        ev = tasks["evaluate"]
+        assert "export" in ev["dependentTasks"]
+        model = ev["inputs"]["artifacts"]["model"]["taskOutputArtifact"]
+        assert model == {"producerTask": "export", "outputArtifactKey": "onnx_model"}
+        for name in ("preprocess", "train" if "train" in tasks else "train-trainjob", "evaluate", "export",
+                     "register", "data"):
+            params = tasks[name]["inputs"]["parameters"]
+            assert params["overrides"]["componentInputParameter"] == "overrides", name
+            assert params["params_json"]["componentInputParameter"] == "params_json", name
+
+
+def test_data_step_refuses_a_real_source_without_a_repository(tmp_path):
+    with pytest.raises(UserError, match="data.source is 'amos'.*data_repo_url.*data_path"):
+        steps.phantom_data(str(tmp_path / "raw"), PARAMS, json.dumps({"data.source": "amos"}))
+    assert not (tmp_path / "raw").exists()
+
+
+def test_pipeline_compile_refuses_a_bad_params_file(tmp_path):
+    from masksam.pipelines.pipeline import default_params_text
+
+    (tmp_path / "params.yaml").write_text("train:\n  learning_rate: 0.1\n")
+    with pytest.raises(UserError, match="did you mean train.lr"):
+        default_params_text(tmp_path / "params.yaml")
+
+
 def test_mlflow_secret_on_the_mlflow_steps(compiled):
     spec, _ = compiled
     k8s = spec["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
@@ -135,8 +165,10 @@ def test_overrides_apply_and_refuse_unknown_sections(tmp_path):
     params = yaml.safe_load(path.read_text())
     assert params["train"]["steps"] == 2 and params["data"]["size"] == [32, 32, 8]
     assert params["data"]["cases"] == 24
-    with pytest.raises(UserError, match="no 'trian:' section"):
+    with pytest.raises(UserError, match="trian is not a params section; did you mean train"):
         steps.write_params(PARAMS, '{"trian.steps": 2}', tmp_path)
+    with pytest.raises(UserError, match="train.steps must be an integer"):
+        steps.write_params(PARAMS, '{"train.steps": "two"}', tmp_path)
     with pytest.raises(UserError, match="section.key"):
         steps.write_params(PARAMS, '{"steps": 2}', tmp_path)
     with pytest.raises(UserError, match="not valid JSON"):
@@ -144,10 +176,12 @@ def test_overrides_apply_and_refuse_unknown_sections(tmp_path):
 
 
 def test_set_options_parse_yaml_values():
-    assert steps.parse_set_options(["train.steps=2", "data.size=[32, 32, 8]", "model.checkpoint=null"]) == {
+    from masksam.components.params import parse_set_options
+
+    assert parse_set_options(["train.steps=2", "data.size=[32, 32, 8]", "model.checkpoint=null"]) == {
         "train.steps": 2, "data.size": [32, 32, 8], "model.checkpoint": None}
     with pytest.raises(UserError):
-        steps.parse_set_options(["train.steps"])
+        parse_set_options(["train.steps"])
     assert pcli.parse_params(["accelerator_count=4", "data_rev=v1.0", "data_repo_url="]) == {
         "accelerator_count": 4, "data_rev": "v1.0", "data_repo_url": ""}
 
