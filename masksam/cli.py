@@ -1,74 +1,118 @@
 """The ``masksam`` command: one subcommand per pipeline step, nnU-Net style.
 
-Each step module in ``masksam.components`` (and ``masksam.pipelines``) that defines
-``register_cli(subparsers)`` contributes its verb(s); this file only collects them, so adding a
-step never means editing a central table.
+Each step module in ``masksam.components`` (and ``masksam.pipelines``) defines
+``register_cli(subparsers)`` for its verb; :data:`VERBS` lists them with their one-line help, so
+``masksam --help`` answers at once and ``masksam VERB`` imports only that verb's module.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import logging
-import pkgutil
+import os
+import re
 import sys
 from typing import Sequence
 
 from masksam import __version__
 from masksam.errors import UserError
 
-# The order verbs appear in `masksam --help`: the order a user runs them.
-_VERB_ORDER = [
-    "data", "preprocess", "train", "evaluate", "predict", "export", "register", "pull", "serve", "pipeline",
-]
-
-
-# A verb lives in the module of the same name; these are the exceptions.
-_VERB_MODULES = {"pipeline": "masksam.pipelines.cli"}
+# Every verb, in the order a user runs them: the module that defines it (its ``register_cli``)
+# and its one-line help. `masksam --help` is printed from this table alone, without importing a
+# step module (they pull in torch, MLflow or kfp: seconds); tests/test_cli.py checks that each
+# line equals the module's own help and that every module with a ``register_cli`` is listed.
+VERBS: dict[str, tuple[str, str]] = {
+    "data": ("masksam.components.data",
+             "generate, import, validate and fingerprint raw datasets (nnU-Net v2 raw layout)"),
+    "preprocess": ("masksam.components.preprocess",
+                   "fingerprint, plan and preprocess a raw dataset (nnU-Net v2 style)"),
+    "train": ("masksam.components.train",
+              "train MaskSAM on a preprocessed dataset (checkpoint dir + MLflow run)"),
+    "evaluate": ("masksam.components.evaluate",
+                 "score predicted label maps against references (Dice, HD95, NSD)"),
+    "baseline": ("masksam.components.baseline",
+                 "train and evaluate nnU-Net v2 on the same split, as the reference for `masksam compare`"),
+    "compare": ("masksam.components.compare",
+                "paired comparison of two evaluations of the same cases (bootstrap CI, Wilcoxon)"),
+    "predict": ("masksam.components.predict", "segment new scans (NIfTI/NRRD/MHA file or folder)"),
+    "export": ("masksam.components.export", "export a trained model to ONNX (+FP16, +TensorRT) and verify it"),
+    "register": ("masksam.components.register",
+                 "log the exported model as an MLflow pyfunc, register it, set its alias"),
+    "pull": ("masksam.components.pull",
+             "download a registered model (e.g. models:/masksam@champion) and verify it"),
+    "serve": ("masksam.components.serve",
+              "serve a registered model over REST (MLflow's scoring server, with size limits)"),
+    "deploy": ("masksam.components.deploy",
+               "write a KServe InferenceService manifest serving a registered model"),
+    "pipeline": ("masksam.pipelines.cli", "compile, run locally or submit the Kubeflow pipeline"),
+}
 
 
 def _module_of(verb: str | None) -> str | None:
     """The one module a verb needs, so `masksam train` does not import kfp nor `masksam data`
-    torch; None when the verb is unknown (then every module is loaded to list them all)."""
-    if verb is None or not verb.isidentifier():
-        return _VERB_MODULES.get(verb or "")
-    if verb in _VERB_MODULES:
-        return _VERB_MODULES[verb]
-    name = f"masksam.components.{verb}"
-    return name if importlib.util.find_spec(name) is not None else None
+    torch; None when the verb is unknown."""
+    entry = VERBS.get(verb or "")
+    return entry[0] if entry else None
 
 
-def _step_modules() -> list[str]:
-    names = []
-    for pkg_name in ("masksam.components", "masksam.pipelines"):
-        pkg = importlib.import_module(pkg_name)
-        for info in pkgutil.iter_modules(pkg.__path__):
-            if not info.name.startswith("_"):
-                names.append(f"{pkg_name}.{info.name}")
-    return names
+_ROLE = re.compile(r":(?:func|class|meth|mod|attr|data|exc):`~?([^`]+)`")
 
 
-def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
-    """The ``masksam`` parser; with ``verb`` known, only that verb's module is imported."""
+def plain(text: str | None) -> str | None:
+    """Help text without reStructuredText markup (docstrings double as --help descriptions):
+    ``code`` -> `code`, :func:`name` -> name, and no ``::`` literal-block markers."""
+    if not text:
+        return text
+    text = _ROLE.sub(r"\1", text).replace("``", "`")
+    return re.sub(r"::(\s*\n)", r":\1", text)
+
+
+def _plain_help(parser: argparse.ArgumentParser) -> None:
+    """Apply :func:`plain` to a parser's description and those of its subcommands, and the
+    paragraph-keeping formatter."""
+    parser.formatter_class = _Formatter
+    parser.description = plain(parser.description)
+    parser.epilog = plain(parser.epilog)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for choice in action._choices_actions:
+                choice.help = plain(choice.help)
+            for sub in action.choices.values():
+                _plain_help(sub)
+
+
+class _Formatter(argparse.HelpFormatter):
+    """A description written over several lines (a module docstring) keeps its paragraphs and
+    indented examples, which argparse would re-wrap into one block; one-line descriptions and
+    option help are wrapped as usual."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text.strip():
+            return "".join(indent + line for line in text.strip().splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+def build_parser(verb: str | None = None, complete: bool = False) -> argparse.ArgumentParser:
+    """The ``masksam`` parser. With a known ``verb`` only that verb's module is imported and its
+    parser is complete; otherwise every verb is listed from :data:`VERBS` without importing any
+    (``complete``: every verb's module is imported and every parser is complete)."""
     parser = argparse.ArgumentParser(
         prog="masksam",
         description="MaskSAM: prompt-free SAM for 3D medical image segmentation. "
-        "Run the steps in order (data, preprocess, train, evaluate, export, register), "
-        "or all of them with `dvc repro`.",
+        "Run the steps in order (data, preprocess, train, export, evaluate, register), "
+        "or all of them with `dvc repro`. `masksam VERB --help` explains each verb.",
     )
     parser.add_argument("--version", action="version", version=f"masksam {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     only = _module_of(verb)
-    for name in [only] if only else _step_modules():
-        module = importlib.import_module(name)
-        register = getattr(module, "register_cli", None)
-        if register is not None:
-            register(sub)
-    # argparse lists choices in insertion order; put them in the order a user runs them.
-    actions = sub._choices_actions
-    actions.sort(key=lambda a: _VERB_ORDER.index(a.dest) if a.dest in _VERB_ORDER else 99)
+    for name, (module_name, short) in VERBS.items():
+        if complete or (module_name == only and name == verb):
+            importlib.import_module(module_name).register_cli(sub)
+        elif name != verb:
+            sub.add_parser(name, help=short, add_help=False)
+    _plain_help(parser)
     return parser
 
 
@@ -77,6 +121,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     verb = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(verb)
     args = parser.parse_args(argv)
+    if getattr(args, "no_progress", False):
+        # --no-progress silences every bar, not only masksam's: MLflow's artifact downloads and
+        # uploads, and any other library's tqdm (tqdm reads TQDM_DISABLE since 4.66)
+        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+        os.environ["TQDM_DISABLE"] = "1"
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",

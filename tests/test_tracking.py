@@ -47,7 +47,7 @@ def test_train_cli_fails_at_start_when_server_unreachable(tmp_path, monkeypatch,
 
     from masksam.cli import build_parser, main
 
-    build_parser()  # import every step module first: the timing below is the probe's
+    build_parser(complete=True)  # import every step module first: the timing below is the probe's
 
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"model": {"variant": "tiny"}, "train": {"steps": 1000},
