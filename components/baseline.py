@@ -214,7 +214,8 @@ def _predict_worker(cfg: Mapping[str, Any]) -> None:
 def run_baseline(raw_dir: str | os.PathLike, preprocessed_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                  fold: int = 0, configuration: str = "3d_fullres", epochs: int = 1, iterations_per_epoch: int = 5,
                  device: str = "auto", mirror: bool = False, overlap: float = 0.5, tolerance_mm: float = 2.0,
-                 hd_convention: str = "medpy", progress: bool = True, force: bool = False) -> dict[str, Any]:
+                 hd_convention: str = "medpy", progress: bool = True, force: bool = False,
+                 mlflow_log: bool = False, experiment: str = "masksam") -> dict[str, Any]:
     """Train nnU-Net v2 on fold ``fold`` of MaskSAM's split, predict its test cases, score them.
 
     Returns the evaluator's summary (also ``out_dir/summary.json``). ``out_dir`` may replace only
@@ -266,7 +267,8 @@ def run_baseline(raw_dir: str | os.PathLike, preprocessed_dir: str | os.PathLike
                 "val_cases": folds[fold]["val"], "test_cases": test, "seconds": seconds,
                 "model_folder": str(model_folder)}
     write_json(out / "baseline.json", settings)
-    return _evaluate(out, raw, meta, test, tolerance_mm, hd_convention, settings)
+    return _evaluate(out, raw, meta, test, tolerance_mm, hd_convention, settings,
+                     experiment if mlflow_log else None)
 
 
 def _reset_output(out: Path, inputs: Sequence[Path], force: bool) -> None:
@@ -290,8 +292,9 @@ def _write_splits(dataset_dir: Path, folds: Sequence[Mapping[str, list]], config
 
 
 def _evaluate(out: Path, raw: Path, meta: Mapping[str, Any], test: Sequence[str], tolerance_mm: float,
-              hd_convention: str, settings: Mapping[str, Any]) -> dict[str, Any]:
-    """Score the test predictions with the project's evaluator; summary.json is written last."""
+              hd_convention: str, settings: Mapping[str, Any], experiment: str | None = None) -> dict[str, Any]:
+    """Score the test predictions with the project's evaluator (logged as an MLflow run in
+    ``experiment`` when given, its id recorded in the summary); summary.json is written last."""
     from masksam.components.evaluate import _json_safe, evaluate_folders, write_csv
 
     fe = meta.get("file_ending", ".nii.gz")
@@ -308,8 +311,31 @@ def _evaluate(out: Path, raw: Path, meta: Mapping[str, Any], test: Sequence[str]
                     "model": settings["model_folder"], "method": f"nnU-Net v2 ({settings['nnunetv2']})",
                     "baseline": dict(settings)})
     write_csv(summary, out / "per_case.csv")
+    if experiment is not None:
+        summary["mlflow_run_id"] = _log_run(summary, settings, [out / "per_case.csv", *sorted(
+            (out / "plots").glob("*.png"))], experiment)
     write_json(out / "summary.json", _json_safe(summary))
     return summary
+
+
+def _log_run(summary: Mapping[str, Any], settings: Mapping[str, Any], files: Sequence[Path], experiment: str) -> str:
+    """The baseline as an MLflow run beside MaskSAM's: its settings as params, its test metrics
+    (``test/...``, the keys MaskSAM's training run uses), the per-case table and plots."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from masksam.components._tracking import ensure_experiment, run_context_tags, tracking_uri
+    from masksam.components.evaluate import log_to_mlflow
+
+    client = MlflowClient(tracking_uri(None))
+    tags = {"step": "baseline", "method": str(summary.get("method"))}
+    run = client.create_run(ensure_experiment(client, experiment), run_name=f"baseline-nnunet-fold{settings['fold']}",
+                            tags=run_context_tags("masksam baseline", tags))
+    params = {k: v for k, v in settings.items() if not isinstance(v, (list, dict))}
+    with mlflow.start_run(run_id=run.info.run_id):
+        mlflow.log_params({f"baseline.{k}": v for k, v in params.items()})
+        log_to_mlflow(summary, files, prefix="test")
+    return run.info.run_id
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -328,7 +354,8 @@ def _run_cli(args: argparse.Namespace) -> int:
                                                                        bp.iterations_per_epoch),
         device=pick(args.device, bp.device), mirror=pick(args.mirror, params.evaluate.mirror),
         overlap=params.evaluate.overlap, tolerance_mm=params.evaluate.nsd_tolerance_mm,
-        hd_convention=params.evaluate.hd_convention, progress=not args.no_progress, force=args.force)
+        hd_convention=params.evaluate.hd_convention, progress=not args.no_progress, force=args.force,
+        mlflow_log=args.mlflow, experiment=params.train.experiment)
     fm, secs = summary["foreground_mean"], summary["baseline"]["seconds"]
     print(f"nnU-Net baseline, {summary['n_cases']} test cases: foreground mean Dice {fm['Dice']:.4f}, "
           f"HD95 {fm['HD95']:.2f} mm, NSD {fm['NSD']:.4f}; trained in {secs['train']:.0f} s; wrote {out}")
@@ -362,6 +389,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=None,
                    help="test-time mirroring (default: evaluate.mirror, the same as MaskSAM's evaluation)")
     p.add_argument("--no-progress", action="store_true", help="nnU-Net's output only into OUT/logs/*.log")
+    p.add_argument("--mlflow", action="store_true", help="also log the baseline as an MLflow run (experiment "
+                   "train.experiment, server MLFLOW_TRACKING_URI) beside MaskSAM's training runs")
     p.add_argument("--force", action="store_true", help="replace --out even when it holds files masksam "
                    "baseline did not write")
     add_params_arguments(p)

@@ -86,7 +86,8 @@ def read_summary(path: str | os.PathLike) -> dict[str, Any]:
         }
     if not cases:
         raise UserError(f"{path}: metric_per_case is empty; nothing to compare")
-    return {"labels": labels, "cases": cases, "conventions": data.get("conventions") or {}}
+    runs = {k: str(data[k]) for k in ("train_run_id", "mlflow_run_id") if data.get(k)}
+    return {"labels": labels, "cases": cases, "conventions": data.get("conventions") or {}, "runs": runs}
 
 
 def _as_float(value: Any, path: Path, case: str, label: str, metric: str) -> float:
@@ -347,9 +348,11 @@ def _save_png(fig, path: Path) -> Path:
 
 
 def compare(summary_a: str | os.PathLike, summary_b: str | os.PathLike, out_dir: str | os.PathLike, *,
-            names: Sequence[str] | None = None, resamples: int = 10000, seed: int = 0) -> dict[str, Any]:
+            names: Sequence[str] | None = None, resamples: int = 10000, seed: int = 0,
+            mlflow_log: bool = False, experiment: str = "masksam") -> dict[str, Any]:
     """Compare two evaluate summaries of the same cases; write compare.json, compare.md,
-    compare.csv, paired.png and compare_meta.json into ``out_dir``; return compare.json's content."""
+    compare.csv, paired.png and compare_meta.json into ``out_dir`` (and, with ``mlflow_log``,
+    log them as an MLflow run linked to both methods' runs); return compare.json's content."""
     if resamples < 1:
         raise UserError(f"--bootstrap must be at least 1, got {resamples}")
     name_a, name_b = default_names(summary_a, summary_b) if not names else tuple(names)
@@ -382,10 +385,52 @@ def compare(summary_a: str | os.PathLike, summary_b: str | os.PathLike, out_dir:
         s = results[FOREGROUND][m]
         log.info("%s foreground mean: %s %.4f vs %s %.4f, diff %.4f [%.4f, %.4f], p %.3g, n %d", m, name_a,
                  s["mean_a"], name_b, s["mean_b"], s["diff"], *s["ci95"], s["p_wilcoxon"], s["n"])
+    if mlflow_log:
+        run_id = log_comparison(results, out, a, b, name_a, name_b, experiment)
+        log.info("logged the comparison as MLflow run %s", run_id)
     if any("note" in s for per in results.values() for s in per.values()):
         log.warning("some entries have too few cases for the Wilcoxon test to mean anything: see the notes "
                     "in %s", out / "compare.md")
     return _json_safe(results)
+
+
+def log_comparison(results: Mapping[str, Any], out_dir: str | os.PathLike, a: Mapping[str, Any],
+                   b: Mapping[str, Any], name_a: str, name_b: str, experiment: str = "masksam") -> str:
+    """Log the comparison as its own MLflow run (every diff and p-value as a metric, the table and
+    the plot as artifacts), linked both ways by tags to the two methods' runs where the summaries
+    name them (``train_run_id`` of a MaskSAM evaluation, ``mlflow_run_id`` of a baseline).
+    Returns the run id."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from masksam.components._tracking import (ensure_experiment, metric_name, run_context_tags, tracking_uri,
+                                              unique_metric_names)
+
+    client = MlflowClient(tracking_uri(None))
+    linked = {name: (summary.get("runs") or {}).get("train_run_id") or (summary.get("runs") or {}).get("mlflow_run_id")
+              for name, summary in ((name_a, a), (name_b, b))}
+    tags = {"step": "compare", "compare.a": name_a, "compare.b": name_b,
+            **{f"compare.run.{metric_name(n)}": str(r) for n, r in linked.items() if r}}
+    classes = unique_metric_names(results)
+    metrics = {f"{classes[cls]}.{m}.{key}": float(v) for cls, per in results.items() for m, s in per.items()
+               for key, v in (("diff", s["diff"]), ("p_wilcoxon", s["p_wilcoxon"]), ("n", s["n"]))
+               if v is not None and v == v}
+    exp_id = ensure_experiment(client, experiment)
+    run = client.create_run(exp_id, run_name=f"compare-{metric_name(name_a)}-vs-{metric_name(name_b)}",
+                            tags=run_context_tags("masksam compare", tags))
+    run_id = run.info.run_id
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_metrics(metrics)
+        for name in ("compare.json", "compare.md", "compare.csv", "paired.png"):
+            if (Path(out_dir) / name).is_file():
+                mlflow.log_artifact(str(Path(out_dir) / name))
+    for name, other in linked.items():
+        if other:
+            try:
+                client.set_tag(other, f"compare_run_id.{metric_name(name_b if name == name_a else name_a)}", run_id)
+            except Exception as exc:  # a run in another store: the link from this side remains
+                log.warning("cannot tag run %s of %s with the comparison (%s)", other, name, str(exc)[:200])
+    return run_id
 
 
 def default_names(summary_a: str | os.PathLike, summary_b: str | os.PathLike) -> tuple[str, str]:
@@ -404,7 +449,8 @@ def _run_cli(args: argparse.Namespace) -> int:
     params = params_from_args(args).compare
     resamples = int(pick(args.bootstrap, params.bootstrap))
     seed = int(pick(args.seed, params.seed))
-    results = compare(args.summary_a, args.summary_b, args.out, names=args.names, resamples=resamples, seed=seed)
+    results = compare(args.summary_a, args.summary_b, args.out, names=args.names, resamples=resamples, seed=seed,
+                      mlflow_log=args.mlflow, experiment=params_from_args(args).train.experiment)
     fg = results[FOREGROUND]["Dice"]
     print(f"foreground mean Dice diff {_fmt(fg['diff'])} (95% CI [{_fmt(fg['ci95'][0])}, {_fmt(fg['ci95'][1])}], "
           f"Wilcoxon p {_fmt(fg['p_wilcoxon'], 3)}, n {fg['n']}); wrote {args.out}/compare.md")
@@ -437,5 +483,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                    "of --params, 10000)")
     p.add_argument("--seed", type=int, default=None, metavar="S",
                    help="seed of the bootstrap (default: compare.seed of --params, 0)")
+    p.add_argument("--mlflow", action="store_true", help="also log the comparison as an MLflow run (experiment "
+                   "train.experiment, server MLFLOW_TRACKING_URI), linked by tags to both methods' runs")
     add_params_arguments(p)
     p.set_defaults(func=_run_cli)

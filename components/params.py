@@ -306,16 +306,32 @@ class RegisterParams:
             raise UserError(f"{where}: register.min_dice must be in [0, 1], got {self.min_dice}")
 
 
+BASELINE_METHODS = ("nnunet",)  # what `masksam baseline` can train
+
+
 @dataclass(frozen=True)
 class CompareParams:
-    """``compare:``: paired comparison against a baseline (bootstrap confidence intervals)."""
+    """``compare:``: MaskSAM against reference methods on the same test cases (paired statistics).
 
-    enabled: bool = False
+    ``baselines`` lists the reference methods to train and compare with (``nnunet``); empty
+    switches the comparison off. A list rather than a flag because dvc.yaml's baseline and compare
+    stages run once per entry (``foreach``): DVC cannot switch a stage on a boolean."""
+
+    baselines: list[str] = field(default_factory=list)
+    out: str = "data/compare"
     bootstrap: int = 10000
     seed: int = 0
 
     def check(self, where: str) -> None:
         _at_least(self.bootstrap, 1, where, "compare.bootstrap")
+        unknown = [b for b in self.baselines if b not in BASELINE_METHODS]
+        if unknown or len(set(self.baselines)) != len(self.baselines):
+            raise UserError(f"{where}: compare.baselines must list distinct methods out of "
+                            f"{list(BASELINE_METHODS)} ([] = no comparison), got {self.baselines}")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.baselines)
 
 
 @dataclass(frozen=True)

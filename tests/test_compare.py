@@ -261,3 +261,28 @@ def test_reads_the_summary_the_real_evaluator_writes(tmp_path) -> None:
     assert spleen["Dice"]["n"] == 2 and spleen["Dice"]["n_dropped"] == 1  # c1 has no spleen anywhere
     assert spleen["Dice"]["mean_b"] == 0.0 and spleen["Dice"]["diff"] > 0.9
     assert "impossible" in spleen["Dice"]["note"]
+
+
+def test_comparison_is_logged_to_mlflow_and_linked_to_both_runs(tmp_path, monkeypatch) -> None:
+    """The comparison is its own MLflow run next to both methods' runs, linked by tags both ways."""
+    from mlflow import MlflowClient
+
+    monkeypatch.chdir(tmp_path)  # a sqlite store writes ./mlruns
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient()
+    exp = client.create_experiment("masksam")
+    run_a = client.create_run(exp, run_name="train-fold0").info.run_id
+    run_b = client.create_run(exp, run_name="baseline-nnunet-fold0").info.run_id
+    a, b = make_pair(np.random.default_rng(1))
+    pa, pb = write_summaries(tmp_path, a, b)
+    for path, key, run in ((pa, "train_run_id", run_a), (pb, "mlflow_run_id", run_b)):
+        path.write_text(json.dumps({**json.loads(path.read_text()), key: run}))
+    results = C.compare(pa, pb, tmp_path / "out", names=("MaskSAM", "nnunet"), resamples=200, mlflow_log=True)
+    (compare_run,) = [r for r in client.search_runs([exp]) if r.info.run_id not in (run_a, run_b)]
+    tags, metrics = compare_run.data.tags, compare_run.data.metrics
+    assert tags["compare.run.MaskSAM"] == run_a and tags["compare.run.nnunet"] == run_b
+    assert client.get_run(run_a).data.tags["compare_run_id.nnunet"] == compare_run.info.run_id
+    assert client.get_run(run_b).data.tags["compare_run_id.MaskSAM"] == compare_run.info.run_id
+    assert metrics["foreground_mean.Dice.diff"] == pytest.approx(results[C.FOREGROUND]["Dice"]["diff"])
+    artifacts = {f.path for f in client.list_artifacts(compare_run.info.run_id)}
+    assert {"compare.md", "paired.png", "compare.json"} <= artifacts
