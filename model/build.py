@@ -93,7 +93,7 @@ def build_masksam(cfg: MaskSAMConfig, checkpoint: Optional[str] = None, allow_mi
         prompt_generator = PromptGenerator(
             encoder_dim=spec.embed_dim, neck_dim=spec.prompt_dim, num_global=len(spec.global_attn_indexes),
             num_queries=nq, token_dim=spec.prompt_dim, in_channels=cfg.in_channels,
-            width=spec.pg_width, patch_size=cfg.patch_size,
+            width=spec.pg_width, patch_size=cfg.patch_size, with_tokens=cfg.use_aux_class_tokens,
         )
     prompt_encoder = TemporalPromptEncoder(
         embed_dim=spec.prompt_dim, image_embedding_size=(grid, grid),

@@ -12,8 +12,12 @@ Terms (each normalised by the number of targets, i.e. classes present, over all 
 - ``loss_box_l1`` / ``loss_giou``: L1 and 1 - GIoU between ``aux_boxes`` and the box of the
   matched target mask.
 
-Terms whose output is absent (an ablation without aux masks or boxes) are left out of the
-dict. All losses run in float32 with autocast off, so bf16/fp16 training stays safe.
+Terms whose output is absent (an ablation without aux masks or boxes) or whose weight is 0 are
+left out of the dict (and not computed). The normaliser, the number of targets, is summed over
+the ranks and divided by the world size under DistributedDataParallel (Mask2Former's
+``num_masks``), so every rank divides by the same number; without an initialised process
+group it is this process's count. All losses run in float32 with autocast off, so bf16/fp16
+training stays safe.
 """
 
 from __future__ import annotations
@@ -24,21 +28,24 @@ import torch
 import torch.nn.functional as F
 
 from .box_ops import giou_loss, masks_to_boxes_normalized
+import torch.distributed as torch_dist
+
 from .matcher import HungarianMatcher, MatchResult
 from .point_sampling import (get_uncertain_point_coords_with_randomness, point_sample,
                              sample_label_masks)
 
-__all__ = ["LossWeights", "SetCriterion", "sigmoid_bce_loss", "dice_loss"]
+__all__ = ["LossWeights", "SetCriterion", "sigmoid_bce_loss", "dice_loss", "average_num_masks"]
 
 
 @dataclass
 class LossWeights:
-    """Weights of the loss terms (also the matcher's costs for class / mask / dice).
+    """Weights of the eight loss terms; the Hungarian matcher's costs default to the same.
 
-    Sources: class 2, mask 5, dice 5, no-object 0.1 are Mask2Former's defaults
-    (``MODEL.MASK_FORMER.{CLASS,MASK,DICE,NO_OBJECT}_WEIGHT``), which MaskSAM keeps; the
-    auxiliary mask terms reuse the mask weights (MaskSAM supervises its auxiliary masks like the
-    final ones); box L1 5 and GIoU 2 are DETR's (``bbox_loss_coef``, ``giou_loss_coef``).
+    The defaults are Mask2Former's (class 2, mask 5, dice 5, no-object 0.1;
+    ``MODEL.MASK_FORMER.*_WEIGHT``), the auxiliary masks weighted like the final ones and DETR's
+    box L1 5 / GIoU 2 (``bbox_loss_coef``, ``giou_loss_coef``). The paper's are class 0.2,
+    no-object 0.1, mask 1.2 / 1.2, aux mask 0.5 / 0.5, box L1 0.5, GIoU 0.2 (configs/paper_*.yaml).
+    A weight of 0 removes its term.
     """
 
     ce: float = 2.0
@@ -54,6 +61,34 @@ class LossWeights:
         bad = {k: v for k, v in asdict(self).items() if v < 0}
         if bad:
             raise ValueError(f"loss weights must be >= 0, got {bad}")
+        if not any(v for k, v in asdict(self).items() if k != "no_object"):
+            raise ValueError("loss weights are all 0: nothing to train")
+
+    def matcher(self, num_points: int, **costs: float | None) -> HungarianMatcher:
+        """A :class:`HungarianMatcher` whose costs are these weights, except the ones given in
+        ``costs`` (``cost_class``, ``cost_mask``, ... ``cost_giou``; None = the weight)."""
+        own = {"cost_class": self.ce, "cost_mask": self.mask, "cost_dice": self.dice,
+               "cost_aux_mask": self.aux_mask, "cost_aux_dice": self.aux_dice,
+               "cost_box_l1": self.box_l1, "cost_giou": self.giou}
+        unknown = sorted(set(costs) - set(own))
+        if unknown:
+            raise ValueError(f"unknown matcher costs {unknown}; known: {sorted(own)}")
+        own.update({k: v for k, v in costs.items() if v is not None})
+        return HungarianMatcher(num_points=num_points, **own)
+
+
+def average_num_masks(num_targets: int, device: torch.device) -> float:
+    """The loss normaliser: targets on this rank, averaged over the ranks under DDP (at least 1).
+
+    Mask2Former's ``SetCriterion`` all-reduces ``num_masks`` and divides by the world size, so
+    a rank whose slabs hold few classes does not weigh its masks more than the others. A no-op
+    when ``torch.distributed`` is not initialised.
+    """
+    count = torch.tensor([float(num_targets)], device=device)
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.all_reduce(count)
+        count = count / torch_dist.get_world_size()
+    return float(count.clamp(min=1.0).item())
 
 
 def sigmoid_bce_loss(logits: torch.Tensor, targets: torch.Tensor, num_masks: float
@@ -74,23 +109,24 @@ def dice_loss(logits: torch.Tensor, targets: torch.Tensor, num_masks: float) -> 
 class SetCriterion(torch.nn.Module):
     """``criterion(outputs, target [B,T,H,W]) -> {term: loss, ..., "loss": weighted total}``.
 
-    ``num_points`` (Mask2Former: 112 * 112) points per matched mask, of which
-    ``importance_sample_ratio`` are the most uncertain of ``oversample_ratio * num_points``
-    uniform candidates. ``matcher`` defaults to a :class:`HungarianMatcher` with the class /
-    mask / dice weights as costs and the same number of points.
+    ``num_points`` (Mask2Former: 112 * 112; the paper: 131,072) points per matched mask, of
+    which ``importance_sample_ratio`` are the most uncertain of ``oversample_ratio *
+    num_points`` uniform candidates. ``matcher`` defaults to a :class:`HungarianMatcher` with
+    the seven loss weights as its costs and the same number of points.
     """
 
     def __init__(self, num_classes: int, weights: LossWeights | None = None,
-                 matcher: HungarianMatcher | None = None, num_points: int = 112 * 112,
+                 matcher: torch.nn.Module | None = None, num_points: int = 112 * 112,
                  oversample_ratio: float = 3.0, importance_sample_ratio: float = 0.75) -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError("num_classes must be >= 1 (background counts)")
+        if num_points <= 0 or oversample_ratio < 1 or not 0 <= importance_sample_ratio <= 1:
+            raise ValueError("need num_points > 0, oversample_ratio >= 1, 0 <= importance_sample_ratio <= 1; "
+                             f"got {num_points}, {oversample_ratio}, {importance_sample_ratio}")
         self.num_classes = num_classes
         self.weights = weights if weights is not None else LossWeights()
-        self.matcher = matcher if matcher is not None else HungarianMatcher(
-            cost_class=self.weights.ce, cost_mask=self.weights.mask, cost_dice=self.weights.dice,
-            num_points=num_points)
+        self.matcher = matcher if matcher is not None else self.weights.matcher(num_points)
         self.num_points = num_points
         self.oversample_ratio = oversample_ratio
         self.importance_sample_ratio = importance_sample_ratio
@@ -140,9 +176,7 @@ class SetCriterion(torch.nn.Module):
         return l1, giou
 
     # -- total -----------------------------------------------------------------------------
-    def forward(self, outputs: dict[str, torch.Tensor], target: torch.Tensor
-                ) -> dict[str, torch.Tensor]:
-        """Match, then compute every term whose output is present, and the weighted total."""
+    def _check(self, outputs: dict[str, torch.Tensor], target: torch.Tensor) -> None:
         if "pred_logits" not in outputs or "pred_masks" not in outputs:
             raise KeyError("outputs need 'pred_logits' and 'pred_masks'")
         k1 = outputs["pred_logits"].shape[-1]
@@ -151,25 +185,36 @@ class SetCriterion(torch.nn.Module):
                              f"{self.num_classes + 1}")
         if target.dim() != 4:
             raise ValueError(f"target must be a [B,T,H,W] label slab, got {tuple(target.shape)}")
+
+    def _terms(self, outputs: dict[str, torch.Tensor], target: torch.Tensor, match: MatchResult,
+               num_masks: float) -> dict[str, torch.Tensor]:
+        """Every term whose output is present and whose weight is non-zero (unweighted)."""
+        w = self.weights
+        losses: dict[str, torch.Tensor] = {}
+        if w.ce:
+            losses["loss_ce"] = self.loss_class(outputs["pred_logits"], match)
+        pairs = [("mask", "dice", outputs["pred_masks"]), ("aux_mask", "aux_dice", outputs.get("aux_masks"))]
+        for bce_name, dice_name, masks in pairs:
+            if masks is not None and (getattr(w, bce_name) or getattr(w, dice_name)):
+                bce, dice = self.loss_masks(masks, target, match, num_masks)
+                losses.update({f"loss_{n}": v for n, v in ((bce_name, bce), (dice_name, dice))
+                               if getattr(w, n)})
+        boxes = outputs.get("aux_boxes")
+        if boxes is not None and (w.box_l1 or w.giou):
+            l1, giou = self.loss_boxes(boxes, target, match, num_masks)
+            losses.update({f"loss_{n}": v for n, v in (("box_l1", l1), ("giou", giou)) if getattr(w, n)})
+        return losses
+
+    def forward(self, outputs: dict[str, torch.Tensor], target: torch.Tensor
+                ) -> dict[str, torch.Tensor]:
+        """Match, then compute every weighted term whose output is present, and the total."""
+        self._check(outputs, target)
         match = self.matcher(outputs, target)
         self.last_match = match
-        num_masks = float(max(match.num_targets, 1))
-        w = self.weights
+        num_masks = average_num_masks(match.num_targets, outputs["pred_logits"].device)
         with torch.autocast(device_type=outputs["pred_logits"].device.type, enabled=False):
-            losses: dict[str, torch.Tensor] = {
-                "loss_ce": self.loss_class(outputs["pred_logits"], match)}
-            losses["loss_mask"], losses["loss_dice"] = self.loss_masks(
-                outputs["pred_masks"], target, match, num_masks)
-            total = w.ce * losses["loss_ce"] + w.mask * losses["loss_mask"] \
-                + w.dice * losses["loss_dice"]
-            if outputs.get("aux_masks") is not None:
-                losses["loss_aux_mask"], losses["loss_aux_dice"] = self.loss_masks(
-                    outputs["aux_masks"], target, match, num_masks)
-                total = total + w.aux_mask * losses["loss_aux_mask"] \
-                    + w.aux_dice * losses["loss_aux_dice"]
-            if outputs.get("aux_boxes") is not None:
-                losses["loss_box_l1"], losses["loss_giou"] = self.loss_boxes(
-                    outputs["aux_boxes"], target, match, num_masks)
-                total = total + w.box_l1 * losses["loss_box_l1"] + w.giou * losses["loss_giou"]
-            losses["loss"] = total
+            losses = self._terms(outputs, target, match, num_masks)
+            total = sum(getattr(self.weights, name[len("loss_"):]) * value for name, value in losses.items())
+            losses["loss"] = total if isinstance(total, torch.Tensor) else \
+                outputs["pred_logits"].float().sum() * 0.0
         return losses

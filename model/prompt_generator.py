@@ -105,6 +105,7 @@ class PromptGenerator(nn.Module):
         stages: int = 2,
         min_width: int = 16,
         patch_size: int = 16,
+        with_tokens: bool = True,
     ) -> None:
         super().__init__()
         self.num_queries = num_queries
@@ -139,7 +140,9 @@ class PromptGenerator(nn.Module):
         self.mask_embed = MLP(hidden, hidden, hidden, 2)
         self.pool_proj = nn.Linear(chans[-1], hidden)
         self.box_head = MLP(hidden, hidden, 4, 3)
-        self.token_head = MLP(hidden, hidden, token_dim, 2)
+        # without aux classifier tokens (use_aux_class_tokens: false) no token head: its
+        # parameters would get no gradient, which DDP refuses without find_unused_parameters
+        self.token_head = MLP(hidden, hidden, token_dim, 2) if with_tokens else None
 
     def forward(
         self, neck: torch.Tensor, feats: list[torch.Tensor], image: torch.Tensor
@@ -169,7 +172,10 @@ class PromptGenerator(nn.Module):
         reg = torch.cat([cxcywh[..., :2] - half, cxcywh[..., :2] + half], dim=-1).clamp(0.0, 1.0)
         mbox, nonempty = mask_boxes(masks)
         boxes = torch.where(nonempty[..., None], (reg + mbox) / 2, reg)
-        return {"aux_masks": masks, "aux_boxes": boxes, "aux_tokens": self.token_head(hq)}
+        out = {"aux_masks": masks, "aux_boxes": boxes}
+        if self.token_head is not None:
+            out["aux_tokens"] = self.token_head(hq)
+        return out
 
 
 # ----------------------------------------------------------------------------------------------

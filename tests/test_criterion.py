@@ -209,6 +209,84 @@ def test_total_is_weighted_sum_and_missing_outputs_are_skipped() -> None:
         SetCriterion(K + 1, num_points=8)(out, target)
 
 
+TERMS = ("ce", "mask", "dice", "aux_mask", "aux_dice", "box_l1", "giou")
+
+
+@pytest.mark.parametrize("zero", TERMS)
+def test_each_weight_reaches_its_term_and_zero_removes_it(zero: str) -> None:
+    """Doubling a weight doubles its share of the total; a zero weight removes the term from
+    the dict and the total (it is not computed at all)."""
+    base = dict(ce=0.2, mask=1.2, dice=1.2, aux_mask=0.5, aux_dice=0.5, box_l1=0.5, giou=0.2)
+    out, target = _outputs(grad=False), _target()
+    matcher = criterion_mod.HungarianMatcher(num_points=64)  # the same assignment for all runs
+
+    def run(**over):
+        torch.manual_seed(0)
+        return SetCriterion(K, weights=LossWeights(**{**base, **over}), matcher=matcher,
+                            num_points=64)(out, target)
+
+    ref = run()
+    assert {f"loss_{t}" for t in TERMS} | {"loss"} == set(ref)
+    doubled = run(**{zero: 2 * base[zero]})
+    gain = float(doubled["loss"] - ref["loss"])
+    assert gain == pytest.approx(base[zero] * float(ref[f"loss_{zero}"]), rel=1e-4, abs=1e-6)
+    removed = run(**{zero: 0.0})
+    assert f"loss_{zero}" not in removed and set(removed) == set(ref) - {f"loss_{zero}"}
+    expect = float(ref["loss"]) - base[zero] * float(ref[f"loss_{zero}"])
+    assert float(removed["loss"]) == pytest.approx(expect, rel=1e-4, abs=1e-6)
+
+
+def test_default_matcher_takes_the_loss_weights_as_costs() -> None:
+    crit = SetCriterion(K, weights=LossWeights(ce=0.2, mask=1.2, dice=1.1, aux_mask=0.5, aux_dice=0.4,
+                                               box_l1=0.3, giou=0.2), num_points=32)
+    assert crit.matcher.weights == {"class": 0.2, "mask": 1.2, "dice": 1.1, "aux_mask": 0.5,
+                                    "aux_dice": 0.4, "box_l1": 0.3, "giou": 0.2}
+    m = LossWeights().matcher(32, cost_giou=0.0, cost_class=None)
+    assert m.weights["giou"] == 0.0 and m.weights["class"] == 2.0 and m.num_points == 32
+    with pytest.raises(ValueError, match="unknown matcher costs"):
+        LossWeights().matcher(32, cost_bogus=1.0)
+    with pytest.raises(ValueError, match="all 0"):
+        LossWeights(ce=0, mask=0, dice=0, aux_mask=0, aux_dice=0, box_l1=0, giou=0)
+    with pytest.raises(ValueError, match="oversample_ratio"):
+        SetCriterion(K, num_points=32, oversample_ratio=0.5)
+
+
+def test_point_sampling_ratios_reach_the_sampler(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = []
+    real = criterion_mod.get_uncertain_point_coords_with_randomness
+
+    def spy(logits, num_points, oversample_ratio, importance_sample_ratio):
+        seen.append((num_points, oversample_ratio, importance_sample_ratio))
+        return real(logits, num_points, oversample_ratio, importance_sample_ratio)
+
+    monkeypatch.setattr(criterion_mod, "get_uncertain_point_coords_with_randomness", spy)
+    SetCriterion(K, num_points=48, oversample_ratio=2.0, importance_sample_ratio=0.6)(_outputs(), _target())
+    assert seen and set(seen) == {(48, 2.0, 0.6)}
+
+
+def test_normaliser_is_averaged_over_ranks(tmp_path) -> None:
+    """Two gloo ranks with 3 and 5 targets both divide by 4 (Mask2Former's num_masks);
+    without a process group the count is this process's own."""
+    import torch.multiprocessing as mp
+
+    assert criterion_mod.average_num_masks(3, torch.device("cpu")) == 3.0
+    assert criterion_mod.average_num_masks(0, torch.device("cpu")) == 1.0
+    mp.start_processes(_rank_normaliser, args=(str(tmp_path / "rdv"), str(tmp_path)), nprocs=2, join=True,
+                       start_method="fork")
+    assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["4.0", "4.0"]
+
+
+def _rank_normaliser(rank: int, rdv: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{rdv}", rank=rank, world_size=2)
+    try:
+        value = criterion_mod.average_num_masks([3, 5][rank], torch.device("cpu"))
+        (__import__("pathlib").Path(out) / f"rank{rank}").write_text(str(value))
+    finally:
+        dist.destroy_process_group()
+
+
 def test_gradients_reach_every_output() -> None:
     crit = SetCriterion(K, num_points=64)
     out, target = _outputs(), _target()

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import masksam.model.matcher as matcher_mod
 from masksam.model.matcher import HungarianMatcher, check_targets, pairwise_mask_costs
 from masksam.model.point_sampling import (pixel_centre_coords, point_sample,
                                           sample_label_masks, sample_label_masks_all)
@@ -65,6 +66,89 @@ def test_matcher_total_cost_equals_brute_force(seed: int) -> None:
         j = rows.tolist().index(qi)
         assert int(match.present[n][cols[j]]) == cls
     assert match.num_targets == sum(len(p) for p in match.present)
+
+
+ALL_COSTS = {"cost_class": 0.7, "cost_mask": 1.2, "cost_dice": 0.9, "cost_aux_mask": 0.5,
+             "cost_aux_dice": 0.8, "cost_box_l1": 1.5, "cost_giou": 0.6}
+
+
+def _order(box: torch.Tensor) -> torch.Tensor:
+    return torch.cat([torch.minimum(box[:2], box[2:]), torch.maximum(box[:2], box[2:])])
+
+
+def _reference_cost(outputs, target, costs, n: int, i: int, c: int) -> float:
+    """The paper's matching cost of query i against class c in slice n, from dense pixel terms
+    and torchvision's boxes and GIoU (independent of the matcher's batched code)."""
+    from torchvision.ops import generalized_box_iou, masks_to_boxes
+
+    q, h, w = outputs["pred_masks"].shape[2], *target.shape[-2:]
+    logits = outputs["pred_logits"].reshape(-1, q, outputs["pred_logits"].shape[-1])[n, i]
+    tgt = (target.reshape(-1, h, w)[n] == c).float()
+    total = costs["cost_class"] * -float(logits.softmax(-1)[c])
+    for key, bce_w, dice_w in (("pred_masks", "cost_mask", "cost_dice"),
+                               ("aux_masks", "cost_aux_mask", "cost_aux_dice")):
+        m = outputs[key].reshape(-1, q, h, w)[n, i].flatten()
+        total += costs[bce_w] * float(F.binary_cross_entropy_with_logits(m, tgt.flatten()))
+        p = m.sigmoid()
+        total += costs[dice_w] * float(1 - (2 * (p * tgt.flatten()).sum() + 1) / (p.sum() + tgt.sum() + 1))
+    tgt_box = (masks_to_boxes(tgt[None].bool())[0] + torch.tensor([0.0, 0.0, 1.0, 1.0])) \
+        / torch.tensor([w, h, w, h], dtype=torch.float32)
+    box = _order(outputs["aux_boxes"].reshape(-1, q, 4)[n, i])
+    total += costs["cost_box_l1"] * float((box - tgt_box).abs().sum())
+    total += costs["cost_giou"] * -float(generalized_box_iou(box[None], tgt_box[None])[0, 0])
+    return total
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_matcher_with_all_costs_equals_brute_force(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Class, mask BCE/Dice, aux-mask BCE/Dice, box L1 and GIoU costs, all weighted: the
+    matcher's assignment has the brute-force minimum of the independently computed cost."""
+    h = w = 8
+    monkeypatch.setattr(matcher_mod, "_matching_points",
+                        lambda num_points, device: pixel_centre_coords(h, w, device))
+    gen = torch.Generator().manual_seed(100 + seed)
+    q, k = 2 + seed % 4, 2 + seed % 3
+    outputs, target = _random_case(gen, b=2, t=2, q=q, k=k, h=h, w=w)
+    outputs["aux_masks"] = 3 * torch.randn(2, 2, q, h, w, generator=gen)
+    outputs["aux_boxes"] = torch.rand(2, 2, q, 4, generator=gen)  # corners in any order
+    target[1, 0] = 0
+    target[1, 0, 2:5, 3:7] = k - 1  # a slice with one small organ
+    matcher = HungarianMatcher(num_points=h * w, **ALL_COSTS)
+    terms = matcher.cost_terms(outputs, target)
+    assert set(terms) == {"class", "mask", "dice", "aux_mask", "aux_dice", "box_l1", "giou"}
+    match = matcher(outputs, target)
+    for n in range(4):
+        present = match.present[n].tolist()
+        ref = torch.tensor([[_reference_cost(outputs, target, ALL_COSTS, n, i, c) for c in present]
+                            for i in range(q)])
+        assert torch.allclose(matcher.cost_matrices(outputs, target)[n][:, present], ref, atol=1e-4)
+        rows, cols = match.indices[n]
+        got = float(ref[rows, cols].sum())
+        assert got == pytest.approx(_brute_force_min(ref), abs=1e-4)
+
+
+def test_each_new_cost_can_decide_the_match() -> None:
+    """Two queries identical in class and final mask: only the aux-mask or the box cost tells
+    which one should get the organ, and each of them alone does."""
+    h = w = 16
+    target = torch.zeros(1, 1, h, w, dtype=torch.int64)
+    target[0, 0, 2:8, 3:9] = 1
+    logits = torch.zeros(1, 1, 2, 3)
+    masks = torch.zeros(1, 1, 2, h, w)
+    organ = torch.where(target[0, 0] == 1, 8.0, -8.0)
+    aux = torch.stack([-organ, organ])[None, None]  # query 1's aux mask is the organ
+    boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0], [3 / 16, 2 / 16, 9 / 16, 8 / 16]])[None, None]
+    outputs = {"pred_logits": logits, "pred_masks": masks, "aux_masks": aux, "aux_boxes": boxes}
+    for cost in ("cost_aux_mask", "cost_aux_dice", "cost_box_l1", "cost_giou"):
+        m = HungarianMatcher(cost_class=0.0, cost_mask=0.0, cost_dice=0.0, num_points=256, **{cost: 1.0})
+        match = m(outputs, target)
+        assert dict(zip(match.target_class.tolist(), match.query_idx.tolist()))[1] == 1, cost
+    plain = HungarianMatcher(num_points=256).cost_terms(outputs, target)
+    assert set(plain) == {"class", "mask", "dice"}  # the new costs default to off
+    with pytest.raises(ValueError, match="all matching costs are 0"):
+        HungarianMatcher(cost_class=0.0, cost_mask=0.0, cost_dice=0.0)
+    with pytest.raises(ValueError, match=">= 0"):
+        HungarianMatcher(cost_giou=-1.0)
 
 
 def test_matcher_finds_the_planted_assignment() -> None:

@@ -134,9 +134,13 @@ def test_batched_decoder_equals_reference_loop():
         torch.testing.assert_close(fast[k], ref[k], atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("freeze,boxes", [(True, True), (False, True), (False, False)])
-def test_gradients_reach_exactly_the_trainable_parameters(freeze, boxes):
-    m = _tiny(freeze_sam=freeze, use_aux_boxes=boxes)
+@pytest.mark.parametrize("freeze,boxes,tokens", [(True, True, True), (False, True, True), (False, False, True),
+                                                 (True, True, False), (False, True, False)])
+def test_gradients_reach_exactly_the_trainable_parameters(freeze, boxes, tokens):
+    """Every trainable parameter gets a gradient (DDP needs no find_unused_parameters); without
+    aux classifier tokens the light prompt generator builds no token head at all."""
+    m = _tiny(freeze_sam=freeze, use_aux_boxes=boxes, use_aux_class_tokens=tokens)
+    assert any(n.startswith("prompt_generator.token_head.") for n, _ in m.named_parameters()) == tokens
     _randomise_zero_inits(m)
     out = m(torch.randn(1, 1, 4, 64, 64))
     (out["pred_logits"].sum() + out["pred_masks"].mean() + out["aux_masks"].mean() + out["aux_boxes"].sum()).backward()

@@ -206,3 +206,22 @@ def test_paper_state_file_roundtrip(tmp_path):
 
 def test_paper_class_probs_exports_to_onnx_and_matches(tmp_path):
     assert_onnx_matches_eager(_tiny(**PAPER, img_size=32, slab_depth=2, num_queries=2).eval(), tmp_path)
+
+
+def test_parameter_report_splits_the_additions_by_role():
+    """Every MaskSAM addition falls in one named role (the dry-run's report), SAM's own weights
+    in ``sam``; the roles add up to the totals."""
+    from masksam.model.params import GROUPS, format_parameter_report, parameter_group
+
+    m = _tiny(**PAPER, freeze_sam=True)
+    rep = parameter_report(m)
+    assert set(rep["groups"]) == {g for g, _ in GROUPS} | {"sam"}
+    for name, _ in m.named_parameters():
+        assert (parameter_group(name) != "sam") == is_new_parameter(name), name
+    assert sum(d["total"] for d in rep["groups"].values()) == rep["total"]
+    assert sum(d["trainable"] for d in rep["groups"].values()) == rep["trainable"]
+    assert rep["groups"]["sam"]["trainable"] == 0 and rep["groups"]["sam"]["total"] > 0
+    for role in ("stem", "encoder_adapters", "temporal_embeddings", "prompt_generator", "decoder_additions",
+                 "upsampler", "classifier_head"):
+        assert rep["groups"][role]["trainable"] > 0, role
+        assert role in format_parameter_report(rep)
