@@ -1,65 +1,95 @@
-"""The pipeline steps as kfp lightweight Python components running in the project image.
+"""The pipeline steps as kfp components: one signature per step, two ways to run it.
 
-Each body only imports ``masksam.pipelines.steps`` (installed in the image) and calls one
-function there, so the real work is ordinary, testable Python and the component is a wiring
-of KFP artifacts. ``make_components(image)`` binds the functions to an image at compile time
-with ``install_kfp_package=False`` and no ``packages_to_install``: kfp 2.17 then emits no
-``pip install`` at all (kfp itself is a project dependency, so it is in the image already).
+Each function below declares a step's inputs and outputs (kfp's typed signature) and has a
+one-line body that runs the step defined in ``pipelines/tasks.py``. From these signatures:
+
+- ``make_components(image, "container")`` (what ``masksam pipeline compile`` uses) builds
+  ``dsl.container_component``s: each runs ``masksam pipeline task STEP --NAME VALUE ...`` in the
+  project image, the kfp idiom for a command-line tool; the compiled YAML holds a readable
+  command line, not Python source.
+- ``make_components(image, "lightweight")`` (what ``run-local`` uses: ``kfp.local`` runs only
+  lightweight Python components) builds ``dsl.component``s whose body calls the same step.
+  ``install_kfp_package=False`` and no ``packages_to_install``: nothing is pip-installed.
+
+The Kubeflow Trainer launcher (``train_trainjob``) talks to the Kubernetes API from Python and
+stays a lightweight component in both.
 """
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
 from kfp import dsl
-from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
+from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output, OutputPath
 
-from masksam.pipelines._defaults import DEFAULT_IMAGE  # noqa: E402  (re-exported)
-
-
-def data(params_json: str, overrides: str, repo_url: str, rev: str, path: str, dataset: Output[Dataset]):
-    """The raw dataset: the user's DVC-tracked one at a git revision when repo_url is given
-    (commit and hash recorded), else the generated phantom CT dataset (only when data.source
-    says phantom: a real source without a repository is refused)."""
-    from masksam.pipelines import steps
-
-    if repo_url:
-        meta = steps.import_data(dataset.path, repo_url, rev, path)
-    else:
-        meta = steps.phantom_data(dataset.path, params_json, overrides)
-    dataset.metadata.update(meta)
+from masksam.pipelines.tasks import CONTAINER_COMMAND
 
 
-def validate_data(raw: Input[Dataset], report: Output[Markdown]) -> str:
-    """Validate the raw dataset; the report is the case/label table. Returns the dataset hash."""
-    from masksam.pipelines import steps
+def resolve(params_json: str, overrides: str, data_repo_url: str, data_rev: str, data_path: str,
+            train_steps: int, train_lr: float, model_variant: str,
+            params: OutputPath(str), data_spec: OutputPath(str)):
+    """Effective params (params_json, then the typed parameters set, then overrides) and what
+    defines the data (DVC: repository, path and the commit the revision resolves to now;
+    phantom: the data params). Uncached: it is what makes the later cache keys right."""
+    from masksam.pipelines import tasks
 
-    identity = steps.validate_data(raw.path, report.path)
-    return identity["dataset_sha256"]
+    tasks.run_lightweight("resolve", locals())
 
 
-def preprocess(raw: Input[Dataset], params_json: str, overrides: str,
-               preprocessed: Output[Dataset], report: Output[Markdown]):
+def data(data_spec: str, dataset: Output[Dataset]):
+    """The raw dataset the spec names (a DVC dataset at a fixed commit, or the seeded phantom)."""
+    from masksam.pipelines import tasks
+
+    tasks.run_lightweight("data", locals())
+
+
+def validate_data(raw: Input[Dataset], report: Output[Markdown], dataset_sha256: OutputPath(str)):
+    """Validate the raw dataset; the report is the case/label table."""
+    from masksam.pipelines import tasks
+
+    tasks.run_lightweight("validate_data", locals())
+
+
+def preprocess(raw: Input[Dataset], params: str, preprocessed: Output[Dataset], report: Output[Markdown]):
     """Resample, normalise and split the raw dataset."""
-    from masksam.pipelines import steps
+    from masksam.pipelines import tasks
 
-    info = steps.preprocess(raw.path, preprocessed.path, params_json, overrides, report.path)
-    preprocessed.metadata.update(info)
-    preprocessed.metadata["dataset_sha256"] = raw.metadata.get("dataset_sha256")
+    tasks.run_lightweight("preprocess", locals())
 
 
-def train(data: Input[Dataset], raw: Input[Dataset], params_json: str, overrides: str,
+def train(data: Input[Dataset], raw: Input[Dataset], params: str, checkpoint_root: str,
           model: Output[Model], metrics: Output[Metrics], report: Output[HTML]):
-    """Train MaskSAM on one node (the GPU the task was given); log to MLflow."""
-    from masksam.pipelines import steps
+    """Train MaskSAM on one node; checkpoints under checkpoint_root survive a restart (--resume)."""
+    from masksam.pipelines import tasks
 
-    summary = steps.train(data.path, raw.path, model.path, params_json, overrides, report.path)
-    for name, value in steps.scalar_metrics(summary).items():
-        metrics.log_metric(name, value)
-    model.metadata.update({k: v for k, v in summary.items() if isinstance(v, (str, int, float, bool))})
-    model.metadata["framework"] = "pytorch"
+    tasks.run_lightweight("train", locals())
 
 
-def train_trainjob(data: Input[Dataset], raw: Input[Dataset], params_json: str, overrides: str, image: str,
+def export(model: Input[Model], data: Input[Dataset], params: str,
+           onnx_model: Output[Model], metrics: Output[Metrics]):
+    """Export to ONNX and check it against PyTorch."""
+    from masksam.pipelines import tasks
+
+    tasks.run_lightweight("export", locals())
+
+
+def evaluate(model: Input[Model], data: Input[Dataset], raw: Input[Dataset], params: str,
+             evaluation: Output[Dataset], metrics: Output[Metrics], report: Output[HTML]):
+    """Score the held-out test cases with the exported ONNX model (what register publishes)."""
+    from masksam.pipelines import tasks
+
+    tasks.run_lightweight("evaluate", locals())
+
+
+def register(model: Input[Model], onnx_model: Input[Model], evaluation: Input[Dataset], params: str,
+             report: Output[Markdown], model_uri: OutputPath(str)):
+    """Register the model in MLflow under its name and alias."""
+    from masksam.pipelines import tasks
+
+    tasks.run_lightweight("register", locals())
+
+
+def train_trainjob(data: Input[Dataset], raw: Input[Dataset], params: str, image: str,
                    num_nodes: int, gpus_per_node: int, pvc_name: str, runtime: str,
                    mlflow_secret: str, mlflow_secret_keys: str,
                    model: Output[Model], metrics: Output[Metrics], report: Output[HTML]):
@@ -67,7 +97,7 @@ def train_trainjob(data: Input[Dataset], raw: Input[Dataset], params_json: str, 
     from masksam.pipelines import steps, trainjob
 
     summary = trainjob.run_trainjob_step(
-        data_dir=data.path, raw_dir=raw.path, model_dir=model.path, params_json=params_json, overrides=overrides,
+        data_dir=data.path, raw_dir=raw.path, model_dir=model.path, params_json=params, overrides="{}",
         image=image, num_nodes=num_nodes, gpus_per_node=gpus_per_node, pvc_name=pvc_name,
         runtime=runtime, mlflow_secret=mlflow_secret, mlflow_secret_keys=mlflow_secret_keys,
         report_path=report.path,
@@ -78,46 +108,11 @@ def train_trainjob(data: Input[Dataset], raw: Input[Dataset], params_json: str, 
     model.metadata["framework"] = "pytorch"
 
 
-def evaluate(model: Input[Model], data: Input[Dataset], raw: Input[Dataset], params_json: str, overrides: str,
-             evaluation: Output[Dataset], metrics: Output[Metrics], report: Output[HTML]):
-    """Predict and score the held-out test cases with the exported ONNX model (what register
-    publishes): per-class Dice/HD95/NSD table and plots."""
-    from masksam.pipelines import steps
-
-    summary = steps.evaluate(model.path, data.path, raw.path, evaluation.path, params_json, overrides,
-                             report.path)
-    names = summary.get("labels", {})
-    for label, values in summary.get("mean", {}).items():
-        for metric, value in steps.scalar_metrics(values).items():
-            metrics.log_metric(f"{metric}.{names.get(label, label)}", value)
-    for metric, value in steps.scalar_metrics(summary.get("foreground_mean", {})).items():
-        metrics.log_metric(f"{metric}.foreground_mean", value)
-
-
-def export(model: Input[Model], data: Input[Dataset], params_json: str, overrides: str,
-           onnx_model: Output[Model], metrics: Output[Metrics]):
-    """Export to ONNX and check it against PyTorch."""
-    from masksam.pipelines import steps
-
-    summary = steps.export(model.path, data.path, onnx_model.path, params_json, overrides)
-    for name, value in steps.scalar_metrics(summary.get("parity", summary)).items():
-        metrics.log_metric(name, value)
-    onnx_model.metadata["framework"] = "onnx"
-
-
-def register(model: Input[Model], onnx_model: Input[Model], evaluation: Input[Dataset], params_json: str,
-             overrides: str, report: Output[Markdown]) -> str:
-    """Register the model in MLflow under its name and alias; returns the model URI."""
-    from masksam.pipelines import steps
-
-    info = steps.register(model.path, onnx_model.path, evaluation.path, params_json, overrides, report.path)
-    return info["model_uri"]
-
-
 @dataclass(frozen=True)
 class Components:
     """The components bound to one image."""
 
+    resolve: Callable
     data: Callable
     validate_data: Callable
     preprocess: Callable
@@ -128,12 +123,42 @@ class Components:
     register: Callable
 
 
+KINDS = ("container", "lightweight")
+
+
 def component(func: Callable, image: str) -> Callable:
     """Wrap ``func`` as a lightweight component running in ``image`` with nothing pip-installed."""
     return dsl.component(func, base_image=image, install_kfp_package=False, packages_to_install=[])
 
 
-def make_components(image: str = DEFAULT_IMAGE) -> Components:
-    """Every step as a kfp component running in ``image``."""
+def container_component(func: Callable, image: str) -> Callable:
+    """``func``'s step as a container component: ``masksam pipeline task STEP --NAME VALUE ...``.
+
+    Artifacts pass as their local paths, parameters as values, output parameters as the files
+    to write; ``--executor-output`` is where the step reports artifact metadata and metrics.
+    """
+    sig = inspect.signature(func)
+
+    def spec(*placeholders) -> dsl.ContainerSpec:
+        args: list = []
+        for name, value in zip(sig.parameters, placeholders):
+            args += [f"--{name.replace('_', '-')}", getattr(value, "path", value)]
+        args += ["--executor-output", dsl.PIPELINE_TASK_EXECUTOR_OUTPUT_PATH_PLACEHOLDER]
+        return dsl.ContainerSpec(image=image, command=[*CONTAINER_COMMAND, func.__name__], args=args)
+
+    spec.__signature__ = sig
+    spec.__name__ = func.__name__
+    spec.__qualname__ = func.__name__
+    spec.__doc__ = func.__doc__
+    return dsl.container_component(spec)
+
+
+def make_components(image: str, kind: str = "container") -> Components:
+    """Every step as a kfp component running in ``image``: container components (for a cluster)
+    or lightweight ones (for kfp.local), built from the same signatures."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     funcs = {name: globals()[name] for name in Components.__dataclass_fields__}
-    return Components(**{name: component(f, image) for name, f in funcs.items()})
+    wrap = container_component if kind == "container" else component
+    return Components(**{name: (component(f, image) if name == "train_trainjob" else wrap(f, image))
+                         for name, f in funcs.items()})

@@ -13,6 +13,8 @@ to a temporary file and passed as ``--params``.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -58,10 +60,13 @@ def effective_params(params_json: str, overrides: str | dict | None) -> tuple[di
     Checked here, with the loader every verb uses, so a bad key or value fails in the first
     task (or before submitting), named as a pipeline parameter.
     """
-    try:  # JSON (what the pipeline carries) is YAML too, so a pasted params.yaml also works
-        raw = yaml.safe_load(params_json) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"pipeline parameter 'params_json' is neither JSON nor YAML: {exc}") from exc
+    try:  # JSON (what the pipeline carries) first: YAML 1.1 reads JSON's 1e-08 as a string
+        raw = json.loads(params_json) if params_json.strip() else {}
+    except json.JSONDecodeError:
+        try:  # a pasted params.yaml also works
+            raw = yaml.safe_load(params_json) or {}
+        except yaml.YAMLError as exc:
+            raise UserError(f"pipeline parameter 'params_json' is neither JSON nor YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise UserError("pipeline parameter 'params_json' must hold a mapping (params.yaml's content)")
     raw = apply_overrides(raw, parse_overrides(overrides))
@@ -94,9 +99,13 @@ def run_verb(argv: Sequence[str]) -> str:
     proc = subprocess.run([sys.executable, "-m", "masksam", *argv], stdout=subprocess.PIPE, text=True, env=env)
     print(proc.stdout, end="", flush=True)
     if proc.returncode:
-        raise RuntimeError(f"`masksam {' '.join(argv)}` failed with exit status {proc.returncode} "
-                           "(its message is above)")
+        raise VerbFailed(f"`masksam {' '.join(argv)}` failed with exit status {proc.returncode} "
+                         "(its message is above)")
     return proc.stdout
+
+
+class VerbFailed(RuntimeError):
+    """A `masksam` verb exited non-zero; it has printed its own one-line message."""
 
 
 def _read_json(path: Path) -> Any:
@@ -134,23 +143,83 @@ def dataset_identity(raw_dir: str | os.PathLike) -> dict[str, Any]:
     }
 
 
-def phantom_data(out_dir: str, params_json: str, overrides: str) -> dict[str, Any]:
-    """Generate the phantom dataset into ``out_dir`` and write its manifest.
+# Typed pipeline parameters (name in params.yaml -> value); 0 / 0.0 / "" mean "params.yaml's value".
+UNSET = (None, "", 0, 0.0)
 
-    Only when the params ask for it: a real ``data.source`` without a DVC repository is
-    refused, never silently replaced by generated data.
+
+def resolve_inputs(params_json: str, overrides: str | dict | None, typed: dict[str, Any], repo_url: str,
+                   rev: str, path: str) -> tuple[str, str]:
+    """The run's effective params and what defines its raw data, both as canonical JSON.
+
+    Effective params: the compiled-in params text, then the typed pipeline parameters that are
+    set, then the free-form overrides (last wins), checked with the loader every verb uses.
+    The data spec names the data and nothing else, so the (cached) data step's cache key
+    changes exactly when the data would: for a DVC dataset the repository, the path and the
+    commit the revision resolves to now (a moved branch is new data); for the phantom the
+    ``data`` section of the params. A real ``data.source`` without a DVC repository is refused,
+    never silently replaced by generated data.
     """
-    _, params = effective_params(params_json, overrides)
-    if params.data.source != "phantom":
+    merged = {k: v for k, v in typed.items() if v not in UNSET}
+    merged.update(parse_overrides(overrides))
+    raw, params = effective_params(params_json, merged)
+    effective = json.dumps(raw, sort_keys=True, separators=(",", ":"))
+    if repo_url:
+        commit = resolve_dvc_commit(repo_url, rev, path)
+        spec = {"source": "dvc", "repo_url": repo_url, "rev": rev or "HEAD", "commit": commit, "path": path}
+    elif params.data.source != "phantom":
         raise UserError(
             f"data.source is {params.data.source!r}, but no DVC repository was given: set the pipeline "
             "parameters data_repo_url (and data_path, data_rev) to the DVC-tracked raw dataset, or "
             "data.source: phantom for the generated demo data")
+    else:
+        data = {k: v for k, v in dataclasses.asdict(params.data).items() if k not in ("out", "src")}
+        spec = {"source": "phantom", "data": data}
+    return effective, json.dumps(spec, sort_keys=True, separators=(",", ":"))
+
+
+def fetch_data(data_spec: str, out_dir: str) -> dict[str, Any]:
+    """Materialise the raw dataset a :func:`resolve_inputs` spec names; return its identity.
+
+    Deterministic for a given spec (the phantom is seeded; a DVC dataset is read at a fixed
+    commit), which is what lets the cached data step stand for the data it names.
+    """
+    spec = json.loads(data_spec)
+    if spec["source"] == "dvc":
+        fetch_dvc_dataset(spec["repo_url"], spec["commit"], spec["path"], out_dir)
+        run_verb(["data", "manifest", out_dir, "--no-progress"])
+        lineage = {k: spec[k] for k in ("repo_url", "rev", "commit", "path")}
+        return {"source": "dvc", **lineage, **dataset_identity(out_dir)}
     with tempfile.TemporaryDirectory() as tmp:
-        params = write_params(params_json, overrides, tmp)
+        params = Path(tmp) / "params.yaml"
+        params.write_text(yaml.safe_dump({"data": spec["data"]}, sort_keys=False))
         run_verb(["data", "phantom", "--params", params, "--out", out_dir, "--no-progress"])
     run_verb(["data", "manifest", out_dir, "--no-progress"])
     return {"source": "phantom", **dataset_identity(out_dir)}
+
+
+def _open_dvc(repo_url: str, rev: str):
+    """A ``DVCFileSystem`` of ``repo_url`` at ``rev`` and the commit it resolved to."""
+    from dvc.api import DVCFileSystem
+
+    fs = None
+    try:
+        fs = DVCFileSystem(repo_url, rev=rev or None)
+        return fs, fs.repo.get_rev()  # resolving the revision is lazy: a bad one fails here
+    except Exception as exc:  # dvc/scmrepo raise many types for bad URLs and revisions
+        if fs is not None:
+            fs.close()
+        raise UserError(f"cannot open DVC repository {repo_url!r} at revision {rev or 'HEAD'!r}: {exc}") from exc
+
+
+def resolve_dvc_commit(repo_url: str, rev: str, path: str) -> str:
+    """The commit ``rev`` of ``repo_url`` points at now, checking that ``path`` exists there."""
+    fs, commit = _open_dvc(repo_url, rev)
+    try:
+        if not fs.exists(path):
+            raise UserError(f"{repo_url}@{rev or 'HEAD'}: no path {path!r} (give the DVC-tracked raw dataset folder)")
+    finally:
+        fs.close()
+    return commit
 
 
 def fetch_dvc_dataset(repo_url: str, rev: str, path: str, out_dir: str | os.PathLike) -> str:
@@ -160,17 +229,8 @@ def fetch_dvc_dataset(repo_url: str, rev: str, path: str, out_dir: str | os.Path
     DVC remote, or its cache for a local repository. ``rev`` empty means the default branch;
     the commit it resolved to is returned so the run records exactly what it trained on.
     """
-    from dvc.api import DVCFileSystem
-
     out = Path(out_dir)
-    fs = None
-    try:
-        fs = DVCFileSystem(repo_url, rev=rev or None)
-        commit = fs.repo.get_rev()  # resolving the revision is lazy: a bad one fails here
-    except Exception as exc:  # dvc/scmrepo raise many types for bad URLs and revisions
-        if fs is not None:
-            fs.close()
-        raise UserError(f"cannot open DVC repository {repo_url!r} at revision {rev or 'HEAD'!r}: {exc}") from exc
+    fs, commit = _open_dvc(repo_url, rev)
     try:
         if not fs.exists(path):
             raise UserError(f"{repo_url}@{rev or 'HEAD'}: no path {path!r} (give the DVC-tracked raw dataset folder)")
@@ -182,14 +242,6 @@ def fetch_dvc_dataset(repo_url: str, rev: str, path: str, out_dir: str | os.Path
     if not (out / "dataset.json").is_file():
         raise UserError(f"{repo_url}@{commit[:12]}:{path} has no dataset.json: it is not an nnU-Net raw dataset folder")
     return commit
-
-
-def import_data(out_dir: str, repo_url: str, rev: str, path: str) -> dict[str, Any]:
-    """Fetch the user's DVC-tracked raw dataset, (re)write its manifest, return its identity."""
-    commit = fetch_dvc_dataset(repo_url, rev, path, out_dir)
-    run_verb(["data", "manifest", out_dir, "--no-progress"])
-    return {"source": "dvc", "repo_url": repo_url, "rev": rev or "HEAD", "commit": commit, "path": path,
-            **dataset_identity(out_dir)}
 
 
 def validate_data(raw_dir: str, report_path: str) -> dict[str, Any]:
@@ -253,16 +305,56 @@ def train_report_html(model_dir: str | os.PathLike, summary: dict[str, Any]) -> 
     return reports.html_page("Training", parts)
 
 
+def training_key(params_text: str, data_dir: str | os.PathLike) -> str:
+    """What names one training: the effective params and the preprocessed data's plan, split and
+    case files. A retried or restarted task computes the same key, so it finds its checkpoints."""
+    data = Path(data_dir)
+    h = hashlib.sha256(params_text.encode())
+    for name in ("plan.json", "splits.json"):
+        if (data / name).is_file():
+            h.update(b"\0" + (data / name).read_bytes())
+    for case in sorted((data / "cases").glob("*.npz")):
+        h.update(f"\0{case.name}:{case.stat().st_size}".encode())
+    return h.hexdigest()[:16]
+
+
+# Left on the checkpoint volume, not copied into the Model artifact (only a resume needs them).
+RESUME_ONLY = ("checkpoint_last.pt", "checkpoint_best.pt")
+
+
 def train(data_dir: str, raw_dir: str, out_dir: str, params_json: str, overrides: str,
-          report_path: str) -> dict[str, Any]:
-    """Train on the preprocessed dataset; return the summary; report the curve."""
+          report_path: str, checkpoint_root: str = "") -> dict[str, Any]:
+    """Train on the preprocessed dataset; return the summary; report the curve.
+
+    With ``checkpoint_root`` (a persistent volume on a cluster) training writes into
+    ``checkpoint_root/<training_key>/``, resuming with ``--resume`` when a checkpoint is there:
+    a restarted pod or a retried task continues from its last checkpoint, not from step 0. The
+    finished directory, less the resume-only checkpoints, becomes ``out_dir`` (the artifact).
+    """
     with tempfile.TemporaryDirectory() as tmp:
         params = write_params(params_json, overrides, tmp)
+        work = Path(out_dir)
+        if checkpoint_root:
+            work = Path(checkpoint_root) / training_key(params.read_text() + "\0" + raw_dir_identity(raw_dir),
+                                                        data_dir)
+        resume = ["--resume"] if (work / "checkpoint_last.pt").is_file() else []
+        if resume:
+            log.info("resuming the training in %s", work)
         run_verb(["train", "--params", params, "--preprocessed", data_dir, "--raw", raw_dir,
-                  "--out", out_dir, "--no-progress"])
+                  "--out", work, "--no-progress", *resume])
+    if work != Path(out_dir):
+        if Path(out_dir).exists():
+            shutil.rmtree(out_dir)
+        shutil.copytree(work, out_dir, ignore=shutil.ignore_patterns(*RESUME_ONLY, ".masksam-*"))
     summary = read_train_summary(out_dir)
     Path(report_path).write_text(train_report_html(out_dir, summary))
     return summary
+
+
+def raw_dir_identity(raw_dir: str | os.PathLike) -> str:
+    """The raw dataset's manifest hash ('' when it has none): part of the training key."""
+    manifest = _read_json(Path(raw_dir) / "manifest.json") or {}
+    return str(manifest.get("dataset_sha256", ""))
 
 
 def evaluate(model_dir: str, data_dir: str, raw_dir: str, out_dir: str, params_json: str, overrides: str,
