@@ -1,10 +1,12 @@
 """``masksam pipeline compile|run-local|submit``: the Kubeflow pipeline from the command line.
 
-- ``compile`` writes the KFP IR YAML (the image, the MLflow secret and the training mode are
-  fixed at compile time);
+- ``compile`` writes the KFP IR YAML (the image, the MLflow secret, the training mode, the
+  accelerators of evaluate/export and the checkpoint volume are fixed at compile time);
 - ``run-local`` runs the whole pipeline on this machine with ``kfp.local`` (every step a
-  subprocess of this Python, no cluster, no Docker), MLflow from ``MLFLOW_TRACKING_URI``;
-- ``submit`` sends a compiled (or freshly compiled) pipeline to a Kubeflow Pipelines endpoint.
+  subprocess of this Python, no cluster, no Docker, cached steps reused), MLflow from
+  ``MLFLOW_TRACKING_URI``;
+- ``submit`` sends a compiled (or freshly compiled) pipeline to a Kubeflow Pipelines endpoint;
+- ``task`` runs one step inside the pipeline's containers (what the compiled YAML calls).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -24,9 +27,18 @@ from masksam.errors import UserError
 log = logging.getLogger(__name__)
 
 PARAM_HELP = ("pipeline parameter NAME=VALUE (repeatable; VALUE parsed as YAML): data_repo_url, data_rev, "
-              "data_path, accelerator_type, accelerator_count (or num_nodes, gpus_per_node with --trainjob)")
+              "data_path, train_steps, train_lr, model_variant (0 or empty: params.yaml's value), "
+              "accelerator_type, accelerator_count (or num_nodes, gpus_per_node with --trainjob)")
 SET_HELP = ("override one params.yaml value for this run, SECTION.KEY=VALUE (repeatable; VALUE parsed as "
-            "YAML), e.g. --set train.steps=20 --set data.cases=4")
+            "YAML; applied after the typed parameters), e.g. --set train.val_every=10")
+# The smallest whole run: a few tiny phantom cases, 2 folds, a 32-px model, 4 training steps.
+# Shown by `run-local --help` and run as written by tests/test_pipeline_local.py.
+RUN_LOCAL_EXAMPLE = (
+    "--root", ".kfp-local", "--param", "train_steps=4",
+    "--set", "data.cases=6", "--set", "data.size=[48,48,16]", "--set", "preprocess.folds=2",
+    "--set", "preprocess.test_fraction=0.34", "--set", "model.img_size=32", "--set", "model.slab_depth=4",
+    "--set", "train.val_every=2", "--set", "train.batch_size=1", "--set", "train.device=cpu",
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -51,12 +63,37 @@ def _secret_keys(text: str) -> list[str]:
     return keys
 
 
+def parse_gpus(items: Sequence[str], default_train: int = 1) -> dict[str, int]:
+    """``["train=2", "evaluate=1"]`` (or ``all=N``) -> accelerator counts of train, evaluate, export."""
+    from masksam.pipelines.pipeline import ACCELERATED_STEPS
+
+    counts = {"train": default_train, "evaluate": 0, "export": 0}
+    for item in items:
+        step, sep, raw = item.partition("=")
+        step = step.strip()
+        if not sep or (step not in ACCELERATED_STEPS and step != "all") or not raw.strip().isdigit():
+            raise UserError(f"--gpus {item!r}: expected STEP=N with STEP one of {', '.join(ACCELERATED_STEPS)} "
+                            "or all, and N a whole number, e.g. --gpus evaluate=1")
+        for name in (ACCELERATED_STEPS if step == "all" else (step,)):
+            counts[name] = int(raw)
+    return counts
+
+
+def _compile_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The compile-time choices of ``compile`` and ``submit`` from their options."""
+    from masksam.pipelines.pipeline import AcceleratorOptions, CheckpointOptions
+
+    return dict(image=args.image, params_path=args.params, mlflow_secret=args.mlflow_secret,
+                mlflow_secret_keys=_secret_keys(args.mlflow_secret_keys), trainjob=_trainjob_options(args),
+                accelerators=AcceleratorOptions(kind=args.accelerator, counts=parse_gpus(args.gpus)),
+                checkpoints=CheckpointOptions(pvc_name=args.checkpoint_pvc, size=args.checkpoint_size,
+                                              storage_class=args.checkpoint_storage_class))
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     from masksam.pipelines.pipeline import compile_pipeline
 
-    out = compile_pipeline(out=args.out, image=args.image, params_path=args.params,
-                           mlflow_secret=args.mlflow_secret, mlflow_secret_keys=_secret_keys(args.mlflow_secret_keys),
-                           trainjob=_trainjob_options(args))
+    out = compile_pipeline(out=args.out, **_compile_kwargs(args))
     print(f"wrote {out}")
     return 0
 
@@ -87,10 +124,14 @@ def run_local(
 
     Every step runs as a subprocess of this interpreter (``use_venv=False``: nothing is
     installed), so the project must be installed here. Resource requests, retries' backoff and
-    Kubernetes settings do not apply locally (kfp warns); caching does.
+    Kubernetes settings do not apply locally (kfp warns); caching does (kfp.local's cache under
+    the pipeline root: a second run with the same inputs reuses every step but register), and
+    training checkpoints go to ``ROOT/checkpoints`` (an interrupted run resumes). A failing
+    step has printed its one-line message; the run then stops with a UserError naming it.
     """
     from kfp import local
 
+    from masksam.pipelines._defaults import LOCAL_IMAGE
     from masksam.pipelines.pipeline import build_pipeline, default_params_text
     from masksam.pipelines.steps import parse_overrides, write_params
 
@@ -101,15 +142,21 @@ def run_local(
     pipeline_root = root / "pipeline_root"
     pipeline_root.mkdir(parents=True, exist_ok=True)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
-               raise_on_error=True)
-    func = build_pipeline(image="python:3.11-masksam-local", params_text=params_text)
+               raise_on_error=True, enable_caching=True)
+    func = build_pipeline(image=LOCAL_IMAGE, params_text=params_text, local_checkpoints=str(root / "checkpoints"))
     kwargs = dict(arguments or {})
     kwargs["overrides"] = json.dumps(parse_overrides(overrides or {}))
     unknown = set(kwargs) - set(func.component_spec.inputs or {})
     if unknown:
         raise UserError(f"unknown pipeline parameter(s) {sorted(unknown)}; "
                         f"known: {sorted(func.component_spec.inputs or {})}")
-    func(**kwargs)
+    try:
+        func(**kwargs)
+    except RuntimeError as exc:  # kfp.local: "Pipeline ... finished with status FAILURE. Inner task failed: ..."
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # kfp colours its messages
+        reason = text.splitlines()[0] if text else type(exc).__name__
+        raise UserError(f"{reason} (the step's own message is above; the finished steps' artifacts are "
+                        f"under {pipeline_root}, and a rerun reuses them)") from None
     return pipeline_root
 
 
@@ -219,10 +266,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         package = args.package
         if package is None:
-            package = compile_pipeline(Path(tmp) / "pipeline.yaml", image=args.image, params_path=args.params,
-                                       mlflow_secret=args.mlflow_secret,
-                                       mlflow_secret_keys=_secret_keys(args.mlflow_secret_keys),
-                                       trainjob=_trainjob_options(args))
+            package = compile_pipeline(Path(tmp) / "pipeline.yaml", **_compile_kwargs(args))
         out = submit(args.host, package, arguments, experiment=args.experiment, run_name=args.run_name,
                      namespace=args.namespace, wait=args.wait, timeout_s=args.timeout)
     print(f"run {out['run_id']}: {out['url']}" + (f" ({out['state']})" if out["state"] else ""))
@@ -233,11 +277,31 @@ def cmd_submit(args: argparse.Namespace) -> int:
 # parser
 
 
-def _add_compile_options(p: argparse.ArgumentParser) -> None:
-    from masksam.pipelines._defaults import DEFAULT_IMAGE, DEFAULT_SECRET_KEYS
+def cmd_task(args: argparse.Namespace) -> int:
+    from masksam.pipelines.tasks import run_cli_task
 
-    p.add_argument("--image", default=DEFAULT_IMAGE,
-                   help=f"container image every step runs in (built from the Dockerfile; default {DEFAULT_IMAGE})")
+    return run_cli_task(args.step, args.task_args)
+
+
+def _add_compile_options(p: argparse.ArgumentParser) -> None:
+    from masksam.pipelines._defaults import DEFAULT_SECRET_KEYS, IMAGE_ENV
+
+    p.add_argument("--image", default=None, metavar="IMAGE",
+                   help=f"container image every step runs in, built from the Dockerfile and pushed where the "
+                        f"cluster pulls from (required; default ${IMAGE_ENV})")
+    p.add_argument("--accelerator", default="nvidia.com/gpu", metavar="TYPE",
+                   help="accelerator resource name (default nvidia.com/gpu): the default of the accelerator_type "
+                        "pipeline parameter")
+    p.add_argument("--gpus", action="append", default=[], metavar="STEP=N",
+                   help="accelerators for train, evaluate, export or all (repeatable; default train=1, none for "
+                        "evaluate and export); train's count is the default of the accelerator_count parameter")
+    p.add_argument("--checkpoint-pvc", metavar="NAME",
+                   help="existing PersistentVolumeClaim for train's checkpoints (default: each run creates one "
+                        "and deletes it after a successful registration)")
+    p.add_argument("--checkpoint-size", default="20Gi", metavar="SIZE",
+                   help="size of the checkpoint claim a run creates (default 20Gi)")
+    p.add_argument("--checkpoint-storage-class", metavar="NAME",
+                   help="StorageClass of that claim (default: the cluster's default)")
     p.add_argument("--params", default="params.yaml", metavar="FILE",
                    help="params.yaml compiled in as the default of the params_json pipeline parameter")
     p.add_argument("--mlflow-secret", metavar="NAME",
@@ -255,6 +319,17 @@ def _add_compile_options(p: argparse.ArgumentParser) -> None:
                    help="with --trainjob: ClusterTrainingRuntime to use (default torch-distributed)")
 
 
+def run_local_epilog() -> str:
+    """``run-local --help``'s example: :data:`RUN_LOCAL_EXAMPLE`, shell-quoted, three options a line."""
+    import shlex
+
+    pairs = [" ".join(shlex.quote(a) for a in RUN_LOCAL_EXAMPLE[i:i + 2]) for i in range(0, len(RUN_LOCAL_EXAMPLE), 2)]
+    lines = [" ".join(pairs[i:i + 3]) for i in range(0, len(pairs), 3)]
+    return ("example: the smallest whole run (minutes on a laptop CPU); run it again and every step but\n"
+            "register is reused from kfp.local's cache:\n\n  masksam pipeline run-local "
+            + " \\\n      ".join(lines) + "\n")
+
+
 def register_cli(subparsers) -> None:
     """Add ``masksam pipeline compile|run-local|submit``."""
     p = subparsers.add_parser("pipeline", help="compile, run locally or submit the Kubeflow pipeline",
@@ -266,7 +341,8 @@ def register_cli(subparsers) -> None:
     _add_compile_options(c)
     c.set_defaults(func=cmd_compile)
 
-    r = sub.add_parser("run-local", help="run the whole pipeline here with kfp.local (no cluster)")
+    r = sub.add_parser("run-local", help="run the whole pipeline here with kfp.local (no cluster)",
+                       epilog=run_local_epilog())
     r.add_argument("--root", default=".kfp-local", metavar="DIR",
                    help="directory for the local pipeline root (artifacts of every step; default .kfp-local)")
     r.add_argument("--params", default="params.yaml", metavar="FILE", help="params.yaml to run with")
@@ -287,3 +363,10 @@ def register_cli(subparsers) -> None:
     s.add_argument("--timeout", type=int, default=24 * 3600, metavar="S", help="with --wait: seconds to wait (default 1 day)")
     _add_compile_options(s)
     s.set_defaults(func=cmd_submit)
+
+    t = sub.add_parser("task", help="run one pipeline step (what the compiled pipeline's containers call)")
+    t.add_argument("step", metavar="STEP", help="the step: resolve, data, validate_data, preprocess, train, "
+                                                "export, evaluate, register")
+    t.add_argument("task_args", nargs=argparse.REMAINDER, metavar="--NAME VALUE",
+                   help="the step's inputs, output paths and --executor-output FILE")
+    t.set_defaults(func=cmd_task)
