@@ -14,7 +14,7 @@ import yaml
 from masksam.errors import UserError
 from masksam.pipelines import cli as pcli
 from masksam.pipelines import reports, steps
-from masksam.pipelines.pipeline import TrainJobOptions, compile_pipeline
+from masksam.pipelines.pipeline import AcceleratorOptions, CheckpointOptions, TrainJobOptions, compile_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = "registry.example/masksam:1.2.3"
@@ -26,9 +26,11 @@ def compiled(tmp_path_factory):
     d = tmp_path_factory.mktemp("compiled")
     (d / "params.yaml").write_text(PARAMS)
     plain = compile_pipeline(d / "p.yaml", image=IMAGE, params_path=d / "params.yaml",
-                             mlflow_secret="mlflow-creds", mlflow_secret_keys=["MLFLOW_TRACKING_URI", "AWS_ACCESS_KEY_ID"])
+                             mlflow_secret="mlflow-creds", mlflow_secret_keys=["MLFLOW_TRACKING_URI", "AWS_ACCESS_KEY_ID"],
+                             accelerators=AcceleratorOptions(counts={"train": 2, "evaluate": 1, "export": 0}))
     tj = compile_pipeline(d / "tj.yaml", image=IMAGE, params_path=d / "params.yaml",
-                          trainjob=TrainJobOptions(pvc_name="masksam-ws"))
+                          trainjob=TrainJobOptions(pvc_name="masksam-ws"),
+                          checkpoints=CheckpointOptions(pvc_name="ckpt"))
     docs = [list(yaml.safe_load_all(f.read_text())) for f in (plain, tj)]
     for d in docs:  # pipeline spec, then the kubernetes platform spec
         d[0]["platforms"] = d[1]["platforms"] if len(d) > 1 else {}
@@ -43,59 +45,152 @@ def _tasks(spec):
     return out
 
 
-def test_every_executor_uses_the_image_and_installs_nothing(compiled):
+CLI_STEPS = ("resolve", "data", "validate-data", "preprocess", "train", "export", "evaluate", "register")
+
+
+def test_cli_steps_are_container_components_running_the_masksam_cli(compiled):
+    """Each step is `masksam pipeline task STEP --NAME VALUE ...` in the image: no Python source,
+    nothing pip-installed; artifacts as paths, parameters as values, the executor output file."""
     spec, _ = compiled
     executors = spec["deploymentSpec"]["executors"]
-    assert set(executors) >= {f"exec-{n}" for n in ("data", "validate-data", "preprocess",
-                                                      "train", "evaluate", "export", "register")}
-    for name, ex in executors.items():
-        c = ex["container"]
+    for name in CLI_STEPS:
+        c = executors[f"exec-{name}"]["container"]
         assert c["image"] == IMAGE, name
-        joined = " ".join(c["command"] + c.get("args", []))
-        assert "pip install" not in joined, name
-        assert "kfp.dsl.executor_main" in joined, name
+        assert c["command"] == ["masksam", "pipeline", "task", name.replace("-", "_")], name
+        joined = " ".join(c["command"] + c["args"])
+        assert "pip install" not in joined and "executor_main" not in joined and "def " not in joined, name
+        args = c["args"]
+        assert args[-2:] == ["--executor-output", "{{$.outputs.output_file}}"], name
+        assert all(a.startswith("--") for a in args[::2]), name
+    train = dict(zip(*[iter(executors["exec-train"]["container"]["args"])] * 2))
+    assert train["--data"] == "{{$.inputs.artifacts['data'].path}}"
+    assert train["--params"] == "{{$.inputs.parameters['params']}}"
+    assert train["--checkpoint-root"] == "{{$.inputs.parameters['checkpoint_root']}}"
+    assert train["--model"] == "{{$.outputs.artifacts['model'].path}}"
+    resolve = dict(zip(*[iter(executors["exec-resolve"]["container"]["args"])] * 2))
+    assert resolve["--params"] == "{{$.outputs.parameters['params'].output_file}}"
+    assert resolve["--train-steps"] == "{{$.inputs.parameters['train_steps']}}"
 
 
-def test_train_asks_for_the_gpu_parameters_and_others_for_cpu(compiled):
-    spec, _ = compiled
+def test_the_container_command_line_parses_back_to_the_step_inputs():
+    """What the container runs is what the step takes: every --NAME of the compiled command is
+    an input of the step function behind `masksam pipeline task`."""
+    import inspect
+
+    from masksam.pipelines import components as comps
+    from masksam.pipelines import tasks
+
+    built = comps.make_components(IMAGE, "container")
+    for name, func in tasks.TASKS.items():
+        flags = getattr(built, name).component_spec.implementation.container.args[::2]
+        values, executor_output = tasks.parse_task_args(sum(([flag, "v"] for flag in flags), []))
+        assert executor_output == "v" and set(values) == set(inspect.signature(func).parameters), name
+
+
+def test_requests_limits_accelerators_and_shm(compiled):
+    spec, k8s_spec = compiled
     executors = spec["deploymentSpec"]["executors"]
-    res = executors["exec-train"]["container"]["resources"]
-    assert res["accelerator"]["resourceType"] == "{{$.inputs.parameters['pipelinechannel--accelerator_type']}}"
-    assert res["accelerator"]["resourceCount"] == "{{$.inputs.parameters['pipelinechannel--accelerator_count']}}"
-    for name in ("exec-preprocess", "exec-evaluate", "exec-export", "exec-register", "exec-data"):
-        r = executors[name]["container"]["resources"]
-        assert r["cpuLimit"] > 0 and r["memoryLimit"] > 0 and "accelerator" not in r
+    for name in CLI_STEPS:
+        r = executors[f"exec-{name}"]["container"]["resources"]
+        assert 0 < r["cpuRequest"] <= r["cpuLimit"] and 0 < r["memoryRequest"] <= r["memoryLimit"], name
+    acc = {n: executors[f"exec-{n}"]["container"]["resources"].get("accelerator") for n in CLI_STEPS}
+    assert acc["train"]["resourceType"] == "{{$.inputs.parameters['pipelinechannel--accelerator_type']}}"
+    assert acc["train"]["resourceCount"] == "{{$.inputs.parameters['pipelinechannel--accelerator_count']}}"
+    assert acc["evaluate"]["resourceCount"] == "1"
+    assert acc["evaluate"]["resourceType"] == "{{$.inputs.parameters['pipelinechannel--accelerator_type']}}"
+    assert all(acc[n] is None for n in ("export", "data", "preprocess", "register", "resolve"))
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert params["accelerator_type"]["defaultValue"] == "nvidia.com/gpu"
-    assert params["accelerator_count"]["defaultValue"] == 1
+    assert params["accelerator_count"]["defaultValue"] == 2
+    k8s = spec["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train"]
+    assert k8s["emptyDirMounts"] == [{"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "16Gi",
+                                      "volumeName": "dshm"}]
+
+
+def test_typed_parameters_beside_the_free_form_ones(compiled):
+    spec, _ = compiled
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    types = {name: p["parameterType"] for name, p in params.items()}
+    assert types["train_steps"] == "NUMBER_INTEGER" and params["train_steps"]["defaultValue"] == 0
+    assert types["train_lr"] == "NUMBER_DOUBLE" and types["model_variant"] == "STRING"
+    assert types["accelerator_count"] == "NUMBER_INTEGER"
+    assert {"data_repo_url", "data_rev", "data_path", "overrides", "params_json"} <= set(params)
     assert json.loads(params["params_json"]["defaultValue"]) == yaml.safe_load(PARAMS)
+    resolve = _tasks(spec)["resolve"]["inputs"]["parameters"]
+    for name in ("train_steps", "train_lr", "model_variant", "params_json", "overrides", "data_repo_url"):
+        assert resolve[name]["componentInputParameter"] == name
 
 
-def test_retries_and_caching(compiled):
+def test_typed_parameters_then_overrides_make_the_effective_params():
+    typed = {"train.steps": 7, "train.lr": 0.0, "model.variant": "vit_b"}
+    effective, spec = steps.resolve_inputs(PARAMS, json.dumps({"model.variant": "tiny"}), typed, "", "", "data/raw")
+    params = json.loads(effective)
+    assert params["train"]["steps"] == 7 and "lr" not in params["train"]   # 0.0: params.yaml's value
+    assert params["model"]["variant"] == "tiny"                          # overrides apply last
+    data_spec = json.loads(spec)
+    assert data_spec["source"] == "phantom" and data_spec["data"]["cases"] == 24
+    with pytest.raises(UserError, match="train.steps must be"):
+        steps.resolve_inputs(PARAMS, "{}", {"train.steps": "many"}, "", "", "data/raw")
+
+
+def test_caching_is_keyed_on_what_defines_each_step(compiled):
+    """resolve (uncached) names the data; the data step is cached on that alone, so a rerun with
+    unchanged inputs reuses every step up to register; register never caches."""
     spec, _ = compiled
     tasks = _tasks(spec)
-    for name in ("data", "validate-data"):
+    cached = {n: t.get("cachingOptions", {}).get("enableCache", False) for n, t in tasks.items()}
+    assert not cached["resolve"] and not cached["register"] and not cached["createpvc"]
+    assert all(cached[n] for n in ("data", "validate-data", "preprocess", "train", "export", "evaluate"))
+    assert tasks["data"]["inputs"]["parameters"] == {
+        "data_spec": {"taskOutputParameter": {"producerTask": "resolve", "outputParameterKey": "data_spec"}}}
+    for name in ("preprocess", "train", "export", "evaluate", "register"):
+        assert tasks[name]["inputs"]["parameters"]["params"] == {
+            "taskOutputParameter": {"producerTask": "resolve", "outputParameterKey": "params"}}, name
+    for name in ("resolve", "data", "validate-data"):
         assert tasks[name]["retryPolicy"]["maxRetryCount"] == 3, name
     for name in ("preprocess", "train", "evaluate", "export"):
         assert "retryPolicy" not in tasks[name]
-    cached = {n: t.get("cachingOptions", {}).get("enableCache", False) for n, t in tasks.items()}
-    assert cached["validate-data"] and cached["preprocess"] and cached["train"] and cached["evaluate"]
-    assert not cached["register"] and not cached["data"]
+
+
+def test_data_spec_names_only_the_data(tmp_path):
+    """The phantom's spec changes with the data params only; a DVC spec holds the resolved commit."""
+    base, spec = steps.resolve_inputs(PARAMS, "{}", {}, "", "", "data/raw")
+    _, same = steps.resolve_inputs(PARAMS, json.dumps({"train.steps": 3, "data.out": "elsewhere"}), {}, "", "", "x")
+    _, other = steps.resolve_inputs(PARAMS, json.dumps({"data.seed": 1}), {}, "", "", "data/raw")
+    assert spec == same and spec != other
+    assert json.loads(spec)["data"]["size"] == [160, 160, 40]
 
 
 def test_dag_order_and_data_branches(compiled):
     spec, _ = compiled
     tasks = _tasks(spec)
+    assert "resolve" in tasks["data"]["dependentTasks"]
     assert "validate-data" in tasks["preprocess"]["dependentTasks"]
     assert "preprocess" in tasks["train"]["dependentTasks"]
     assert set(tasks["register"]["dependentTasks"]) >= {"train", "export", "evaluate"}
     assert "data" in tasks["validate-data"]["dependentTasks"]
-    assert tasks["data"]["inputs"]["parameters"]["repo_url"]["componentInputParameter"] == "data_repo_url"
+    assert tasks["resolve"]["inputs"]["parameters"]["data_repo_url"]["componentInputParameter"] == "data_repo_url"
+    assert "register" in tasks["deletepvc"]["dependentTasks"]
+
+
+def test_train_checkpoints_on_a_volume(compiled):
+    """Single-node: a claim the run creates (deleted after register) mounted where train keeps
+    its checkpoints; with --checkpoint-pvc the named claim instead."""
+    spec, _ = compiled
+    tasks = _tasks(spec)
+    k8s = spec["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train"]
+    (mount,) = k8s["pvcMount"]
+    assert mount["mountPath"] == "/mnt/masksam-checkpoints"
+    assert mount["pvcNameParameter"]["taskOutputParameter"] == {"outputParameterKey": "name", "producerTask": "createpvc"}
+    root = tasks["train"]["inputs"]["parameters"]["checkpoint_root"]["runtimeValue"]["constant"]
+    assert root == "/mnt/masksam-checkpoints"
+    assert "createpvc" in tasks["train"]["dependentTasks"]
+    assert tasks["deletepvc"]["inputs"]["parameters"]["pvc_name"]["taskOutputParameter"]["producerTask"] == "createpvc"
 
 
 def test_evaluate_scores_the_export_with_the_run_parameters(compiled):
-    """data -> ... -> train -> export -> evaluate(the ONNX folder) -> register; evaluate gets the
-    params and the overrides like every step that runs a verb with --params."""
+    """data -> ... -> train -> export -> evaluate(the ONNX folder) -> register; every step that
+    runs a verb gets the effective params resolve made."""
     for spec in compiled:
         tasks = _tasks(spec)
         ev = tasks["evaluate"]
@@ -103,16 +198,94 @@ def test_evaluate_scores_the_export_with_the_run_parameters(compiled):
         model = ev["inputs"]["artifacts"]["model"]["taskOutputArtifact"]
         assert model == {"producerTask": "export", "outputArtifactKey": "onnx_model"}
         for name in ("preprocess", "train" if "train" in tasks else "train-trainjob", "evaluate", "export",
-                     "register", "data"):
+                     "register"):
             params = tasks[name]["inputs"]["parameters"]
-            assert params["overrides"]["componentInputParameter"] == "overrides", name
-            assert params["params_json"]["componentInputParameter"] == "params_json", name
+            assert params["params"]["taskOutputParameter"]["producerTask"] == "resolve", name
 
 
 def test_data_step_refuses_a_real_source_without_a_repository(tmp_path):
     with pytest.raises(UserError, match="data.source is 'amos'.*data_repo_url.*data_path"):
-        steps.phantom_data(str(tmp_path / "raw"), PARAMS, json.dumps({"data.source": "amos"}))
-    assert not (tmp_path / "raw").exists()
+        steps.resolve_inputs(PARAMS, json.dumps({"data.source": "amos"}), {}, "", "", "data/raw")
+
+
+def test_compile_refuses_without_an_image(tmp_path, monkeypatch):
+    from masksam.cli import main
+
+    (tmp_path / "params.yaml").write_text(PARAMS)
+    monkeypatch.delenv("MASKSAM_IMAGE", raising=False)
+    args = ["pipeline", "compile", "--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "p.yaml")]
+    assert main(args) == 2 and not (tmp_path / "p.yaml").exists()
+    monkeypatch.setenv("MASKSAM_IMAGE", "registry.example/from-env:2")
+    assert main(args) == 0
+    assert "image: registry.example/from-env:2" in (tmp_path / "p.yaml").read_text()
+
+
+def test_compile_cli_accelerator_and_checkpoint_options(tmp_path):
+    from masksam.cli import main
+
+    (tmp_path / "params.yaml").write_text(PARAMS)
+    out = tmp_path / "p.yaml"
+    assert main(["pipeline", "compile", "--params", str(tmp_path / "params.yaml"), "--image", IMAGE, "--out", str(out),
+                 "--accelerator", "amd.com/gpu", "--gpus", "all=2", "--gpus", "train=4",
+                 "--checkpoint-pvc", "my-ckpt"]) == 0
+    spec, platform = list(yaml.safe_load_all(out.read_text()))
+    executors = spec["deploymentSpec"]["executors"]
+    assert spec["root"]["inputDefinitions"]["parameters"]["accelerator_count"]["defaultValue"] == 4
+    assert spec["root"]["inputDefinitions"]["parameters"]["accelerator_type"]["defaultValue"] == "amd.com/gpu"
+    for name in ("evaluate", "export"):
+        assert executors[f"exec-{name}"]["container"]["resources"]["accelerator"]["resourceCount"] == "2"
+    mount = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train"]["pvcMount"][0]
+    assert mount["pvcNameParameter"]["runtimeValue"]["constant"] == "my-ckpt"
+    assert "exec-createpvc" not in executors
+    assert pcli.parse_gpus(["evaluate=1"]) == {"train": 1, "evaluate": 1, "export": 0}
+    with pytest.raises(UserError, match="--gpus 'gpu=1'"):
+        pcli.parse_gpus(["gpu=1"])
+
+
+def test_run_local_help_example_is_the_tested_one(capsys):
+    """The example `run-local --help` prints is RUN_LOCAL_EXAMPLE, which test_pipeline_local runs."""
+    import shlex
+
+    from masksam.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["pipeline", "run-local", "--help"])
+    text = capsys.readouterr().out
+    example = text[text.index("masksam pipeline run-local --root"):].replace("\\\n", " ")
+    argv = shlex.split(example)
+    assert tuple(argv[3:]) == pcli.RUN_LOCAL_EXAMPLE
+    assert "data.cases=4" not in text
+
+
+def test_container_task_command_runs_the_steps_and_reports_to_kfp(tmp_path, capsys):
+    """What a cluster pod runs: `masksam pipeline task STEP --NAME VALUE ... --executor-output F`.
+    Output parameters land in their files, artifact metadata in an ExecutorOutput message that
+    kfp's own schema parses; a failing step is one line and exit status 2."""
+    from google.protobuf import json_format
+    from kfp.pipeline_spec import pipeline_spec_pb2
+
+    from masksam.cli import main
+
+    out = tmp_path / "outputs"
+    tiny = json.dumps({"data": {"cases": 2, "size": [24, 24, 8]}})
+    resolve = ["pipeline", "task", "resolve", "--params-json", tiny, "--overrides", "{}", "--data-repo-url", "",
+               "--data-rev", "", "--data-path", "data/raw", "--train-steps", "3", "--train-lr", "0.0",
+               "--model-variant", "", "--params", str(out / "params"), "--data-spec", str(out / "spec"),
+               "--executor-output", str(out / "resolve.json")]
+    assert main(resolve) == 0
+    assert json.loads((out / "params").read_text())["train"] == {"steps": 3}
+    assert main(["pipeline", "task", "data", "--data-spec", (out / "spec").read_text(), "--dataset",
+                 str(out / "raw"), "--executor-output", str(out / "data.json")]) == 0
+    message = json_format.Parse((out / "data.json").read_text(), pipeline_spec_pb2.ExecutorOutput())
+    meta = json_format.MessageToDict(message.artifacts["dataset"].artifacts[0].metadata)
+    assert meta["source"] == "phantom" and len(meta["dataset_sha256"]) == 64 and meta["num_training"] == 2
+    assert (out / "raw" / "dataset.json").is_file()
+    capsys.readouterr()
+    bad = [a if a != tiny else json.dumps({"data": {"source": "amos"}}) for a in resolve]
+    assert main(bad) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data.source is 'amos'" in err[0]
+    assert main(["pipeline", "task", "resolve", "--train-steps"]) == 2
 
 
 def test_pipeline_compile_refuses_a_bad_params_file(tmp_path):
