@@ -1,9 +1,8 @@
-"""Load a trained MaskSAM for inference: checkpoint directory, exported ONNX file or MLflow URI.
+"""Verify and open what a trained MaskSAM was saved as: training directory, ONNX file, MLflow URI.
 
-Every way of loading yields the same :class:`LoadedModel`: the preprocessing plan, the model
-config and a ``predict_slab`` callable (``[B, C, T, H, W]`` float32 -> ``[B, K, T, H, W]``) that
-``sliding_window_inference`` drives. Only files the project writes are loaded (safetensors
-weights, ONNX graphs, JSON), never a pickle, and every file is checked before it is parsed:
+:class:`masksam.components.predictor.Predictor` is built on these functions; nothing else turns
+a model into predictions. Only files the project writes are loaded (safetensors weights, ONNX
+graphs, JSON), never a pickle, and every file is checked before it is parsed:
 
 - a training folder needs the completed ``train_summary.json`` of ``masksam train``; every sha256
   it records (weights, plan, ...) must match;
@@ -24,11 +23,9 @@ import os
 import shutil
 import tempfile
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
-
-import numpy as np
+from typing import Any
 
 from masksam.components._io import read_json, sha256_file
 from masksam.components._tracking import first_line, temporary_env
@@ -53,25 +50,6 @@ DEVICE_PROVIDERS: dict[str, list[str]] = {
 
 class HashMismatch(UserError):
     """A model file differs from the sha256 recorded when it was written."""
-
-
-@dataclass
-class LoadedModel:
-    """A model ready for :func:`sliding_window_inference`, whatever it was loaded from."""
-
-    plan: dict[str, Any]
-    config: dict[str, Any]
-    predict_slab: Callable[[Any], Any]
-    backend: str  # "torch" or "onnxruntime"
-    source: str
-    device: str = "cpu"
-    providers: list[str] = field(default_factory=list)
-    verified: dict[str, str] = field(default_factory=dict)  # file name -> sha256 checked
-
-    @property
-    def labels(self) -> dict[str, int]:
-        """Label name -> integer, background included (from the plan)."""
-        return {str(k): int(v) for k, v in self.plan.get("labels", {}).items()}
 
 
 # ----------------------------------------------------------------------------- hashes
@@ -319,30 +297,12 @@ def ort_session_options(threads: int | None = None):
     return opts
 
 
-class OrtSlabPredictor:
-    """``predict_slab`` over an ONNX Runtime session; takes and returns what it is given
-    (numpy arrays, or CPU torch tensors when sliding_window_inference passes those)."""
-
-    def __init__(self, session) -> None:
-        self.session = session
-        self.input_name = session.get_inputs()[0].name
-        self.output_name = session.get_outputs()[0].name
-
-    def __call__(self, slab):
-        is_torch = type(slab).__module__.startswith("torch")
-        x = slab.detach().cpu().numpy() if is_torch else np.asarray(slab)
-        y = self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(x, np.float32)})[0]
-        if is_torch:
-            import torch
-
-            return torch.from_numpy(y).to(slab.device)
-        return y
-
-
-def load_onnx(onnx_path: str | os.PathLike, device: str = "auto", threads: int | None = None,
-              expected_sha256: str | None = None) -> LoadedModel:
-    """Load an exported ONNX model once its sidecar and files match the export's manifest
-    (:func:`verify_export`) and, inside a pulled MLflow model, the model's manifest too."""
+def onnx_session(onnx_path: str | os.PathLike, device: str = "auto", threads: int | None = None,
+                 expected_sha256: str | None = None) -> tuple[Any, dict[str, Any], dict[str, str]]:
+    """An ONNX Runtime session over an exported model once its sidecar and files match the
+    export's manifest (:func:`verify_export`) and, inside a pulled MLflow model, the model's
+    manifest too. Returns ``(session, sidecar, {file: sha256 verified})``; the session really
+    runs on the provider ``device`` asks for (:func:`check_session_providers`)."""
     import onnxruntime as ort
 
     onnx_path = Path(onnx_path)
@@ -366,17 +326,14 @@ def load_onnx(onnx_path: str | os.PathLike, device: str = "auto", threads: int |
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
         raise UserError(f"{onnx_path}: ONNX Runtime cannot load it ({str(exc)[:300]})") from exc
     check_session_providers(session.get_providers(), providers, str(onnx_path))
-    return LoadedModel(
-        plan=meta["plan"], config=meta["config"], predict_slab=OrtSlabPredictor(session),
-        backend="onnxruntime", source=str(onnx_path), device=providers[0],
-        providers=session.get_providers(), verified=verified,
-    )
+    return session, meta, verified
 
 
 # ----------------------------------------------------------------------------- checkpoint dir
 
 
-def _torch_device(device: str) -> str:
+def torch_device(device: str) -> str:
+    """The PyTorch device for ``--device`` (auto: CUDA when present); TensorRT needs ONNX."""
     import torch
 
     if device in ("auto",):
@@ -472,33 +429,6 @@ def build_model_from_dir(train_dir: str | os.PathLike, device: str = "cpu"):
             "come from another model version or config")
     model.eval().to(torch.device(device))
     return model, config, plan, verified
-
-
-class TorchSlabPredictor:
-    """``predict_slab`` over ``MaskSAM.class_probs`` (no grad; numpy or torch in, same out)."""
-
-    def __init__(self, model, device: str) -> None:
-        self.model = model
-        self.device = device
-
-    def __call__(self, slab):
-        import torch
-
-        is_numpy = isinstance(slab, np.ndarray)
-        x = torch.from_numpy(np.ascontiguousarray(slab, np.float32)) if is_numpy else slab
-        with torch.inference_mode():
-            y = self.model.class_probs(x.to(self.device, torch.float32))
-        if is_numpy:
-            return y.float().cpu().numpy()
-        return y.to(slab.device)
-
-
-def load_checkpoint_dir(train_dir: str | os.PathLike, device: str = "auto") -> LoadedModel:
-    """Load the PyTorch model of a ``masksam train`` output directory."""
-    dev = _torch_device(device)
-    model, config, plan, verified = build_model_from_dir(train_dir, dev)
-    return LoadedModel(plan=plan, config=config, predict_slab=TorchSlabPredictor(model, dev),
-                       backend="torch", source=str(train_dir), device=dev, verified=verified)
 
 
 # ----------------------------------------------------------------------------- MLflow
@@ -631,34 +561,22 @@ def download_model(uri: str, dst: str | os.PathLike) -> tuple[Path, dict[str, st
     return find_onnx(dst), verified
 
 
-def load_mlflow(uri: str, device: str = "auto", threads: int | None = None) -> LoadedModel:
-    """Download a registered model into a temporary folder, verify it, load its ONNX graph and
-    remove the folder again (ONNX Runtime holds the graph in memory once the session exists)."""
-    tmp = Path(tempfile.mkdtemp(prefix="masksam-model-"))
-    try:
-        onnx_path, _ = download_model(uri, tmp / "model")
-        loaded = load_onnx(onnx_path, device=device, threads=threads)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    loaded.source = uri
-    return loaded
-
-
-def load_model(ref: str | os.PathLike, device: str = "auto", threads: int | None = None) -> LoadedModel:
-    """Load whatever ``--model`` names: checkpoint dir, ``.onnx`` file (or its dir), MLflow URI."""
+def resolve_ref(ref: str | os.PathLike) -> tuple[str, str]:
+    """What ``--model`` names: ``("mlflow", uri)``, ``("onnx", path of model.onnx)`` or
+    ``("training", directory)``; anything else is a UserError saying what to give."""
     ref_s = str(ref)
     if is_mlflow_uri(ref_s):
-        return load_mlflow(ref_s, device=device, threads=threads)
+        return "mlflow", ref_s
     path = Path(ref_s)
     if path.is_file() and path.suffix == ".onnx":
-        return load_onnx(path, device=device, threads=threads)
+        return "onnx", ref_s
     if path.is_dir():
         if (path / "model_config.json").is_file():
-            return load_checkpoint_dir(path, device=device)
+            return "training", ref_s
         if (path / ONNX_NAME).is_file():
-            return load_onnx(path / ONNX_NAME, device=device, threads=threads)
+            return "onnx", str(path / ONNX_NAME)
     if not path.exists():
-        raise UserError(f"--model {ref_s}: not found (give a checkpoint directory, an exported "
+        raise UserError(f"--model {ref_s}: not found (give a training directory, an exported "
                         "model.onnx, or an MLflow URI such as models:/masksam@champion)")
-    raise UserError(f"--model {ref_s}: neither a checkpoint directory (model_config.json + "
+    raise UserError(f"--model {ref_s}: neither a training directory (model_config.json + "
                     "model.safetensors), an exported model.onnx with its sidecar, nor an MLflow URI")
