@@ -4,7 +4,8 @@ Registered by ``masksam register`` as a *model from code* (``_pyfunc_entry.py``,
 artifacts are ``model.onnx`` (+ external data) and the ``model.onnx.json`` sidecar (plan, config,
 sha256). Preprocessing (reorientation, crop, normalisation, resampling) and postprocessing
 (sliding window, restoring the original grid) travel inside the model, through masksam's own code
-shipped with it (``code_paths``), so a user needs neither masksam nor PyTorch weights:
+shipped with it (``code_paths``), so a user needs neither masksam nor PyTorch weights, and the
+serving environment needs no PyTorch at all (nothing on this path imports torch):
 
     image = sitk.ReadImage("scan.nii.gz")
     model = mlflow.pyfunc.load_model("models:/masksam@champion")
@@ -153,20 +154,16 @@ class MaskSAMPyfunc(mlflow.pyfunc.PythonModel):
     """pyfunc over the verified ONNX graph plus masksam's preprocessing and restoring."""
 
     def load_context(self, context) -> None:
-        from masksam.components._loading import load_onnx
+        from masksam.components.predictor import Predictor
 
         self.max_voxels = max_voxels_from_env()
         device = os.environ.get("MASKSAM_DEVICE", "auto")
-        # load_onnx checks every file against the sidecar's sha256 before ONNX Runtime parses it
-        self.model = load_onnx(Path(context.artifacts[ARTIFACT_ONNX]), device=device)
+        # from_onnx checks every file against the sidecar's sha256 before ONNX Runtime parses it
+        self.model = Predictor.from_onnx(Path(context.artifacts[ARTIFACT_ONNX]), device=device)
 
-    def _segment(self, images, mirror: bool, overlap: float):
-        from masksam.components.predict import _infer
-        from masksam.components.preprocess import preprocess_case, restore_to_original
-
-        image, _, properties = preprocess_case(images, None, self.model.plan)
-        probs, _ = _infer(self.model, image, mirror, overlap, 1, False)
-        return restore_to_original(probs, properties)
+    def _segment(self, images, mirror: bool, overlap: float, where: str = "model_input"):
+        """The label image of one scan, through the one predictor (torch-free ONNX path)."""
+        return self.model.predict_images(images, mirror=mirror, overlap=overlap, where=where).labels
 
     def _volume(self, model_input) -> np.ndarray:
         """The input as ``[C, Z, Y, X]``, its size checked before anything is copied."""
@@ -216,7 +213,7 @@ class MaskSAMPyfunc(mlflow.pyfunc.PythonModel):
         from masksam.components._io import read_image, write_image
 
         paths = path if isinstance(path, (list, tuple)) else [path]
-        restored = self._segment([read_image(p) for p in paths], mirror, overlap)
+        restored = self._segment([read_image(p) for p in paths], mirror, overlap, where=str(paths[0]))
         if out_path is not None:
             write_image(restored, out_path)
         return restored

@@ -1,8 +1,10 @@
 """``masksam predict``: segment new scans with a trained, exported or registered MaskSAM.
 
-Each scan goes preprocess_case -> sliding-window inference over slabs -> restore_to_original
-(class probabilities resampled back to the original spacing, then argmax, as nnU-Net does),
-so the label map has the input's exact size, spacing, origin and direction. Beside each label
+Each scan goes through :class:`~masksam.components.predictor.Predictor`: preprocess_case ->
+sliding-window inference over slabs -> restore_to_original (class probabilities resampled back to
+the original spacing, then argmax, as nnU-Net does), so the label map has the input's exact size,
+spacing, origin and direction. Several ``--model`` values form an ensemble (their class
+probabilities are averaged before the argmax, like nnU-Net's ``-f 0 1 2 3 4``). Beside each label
 map a JSON summary gives, per structure, its volume in mL and its mean confidence. A scan that
 cannot be read, or fails the input checks every reader shares (truncated, NaN/inf voxels, NIfTI
 pixdim 0, unusable spacing, not 3D), or whose case name several files claim, is reported by name
@@ -21,13 +23,12 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
-
-import numpy as np
+from typing import Any, Sequence
 
 from masksam.components._io import (IMAGE_SUFFIXES, ensure_writable_dir, image_suffix, read_image, write_image,
                                     write_json)
-from masksam.components._loading import DEVICES, LoadedModel, load_model
+from masksam.components._loading import DEVICES
+from masksam.components.predictor import Predictor
 from masksam.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -100,44 +101,6 @@ def find_scans(src: str | os.PathLike, n_channels: int) -> tuple[list[Scan], lis
     return scans, ignored
 
 
-def structure_summary(labels_zyx: np.ndarray, probs: np.ndarray, restored_labels: np.ndarray,
-                      spacing_xyz: Iterable[float], names: dict[str, int]) -> dict[str, Any]:
-    """Per structure: voxels and volume (mL) on the original grid, and mean confidence.
-
-    Confidence is the mean, over the structure's voxels on the preprocessed grid, of the
-    winning class's probability after normalising the per-class maps to sum to 1 (Mask2Former
-    maps are sums over queries, not probabilities, until normalised).
-    """
-    voxel_ml = float(np.prod(list(spacing_xyz))) / 1000.0
-    counts = np.bincount(restored_labels.ravel(), minlength=max(names.values()) + 1)
-    total = probs.sum(axis=0)
-    top = probs.max(axis=0) / np.maximum(total, 1e-6)
-    out: dict[str, Any] = {}
-    for name, value in sorted(names.items(), key=lambda kv: kv[1]):
-        inside = labels_zyx == value
-        out[name] = {
-            "label": value,
-            "voxels": int(counts[value]) if value < len(counts) else 0,
-            "volume_ml": round(float(counts[value]) * voxel_ml, 4) if value < len(counts) else 0.0,
-            "mean_confidence": round(float(top[inside].mean()), 4) if inside.any() else None,
-        }
-    return out
-
-
-def _match_header(restored, original, path: Path) -> None:
-    """Give the label map the input's header bit for bit (JSON round-trips of the geometry can
-    move spacing/origin by an ulp); a real mismatch is an error, never written silently."""
-    same = (restored.GetSize() == original.GetSize()
-            and np.allclose(restored.GetSpacing(), original.GetSpacing(), rtol=1e-6, atol=1e-9)
-            and np.allclose(restored.GetOrigin(), original.GetOrigin(), rtol=0, atol=1e-4)
-            and np.allclose(restored.GetDirection(), original.GetDirection(), atol=1e-6))
-    if not same:
-        raise RuntimeError(f"{path}: restored label map geometry {restored.GetSize()} "
-                           f"{restored.GetSpacing()} differs from the input's {original.GetSize()} "
-                           f"{original.GetSpacing()}")
-    restored.CopyInformation(original)
-
-
 def _targets(scan: Scan, out: Path, out_format: str | None) -> tuple[Path, Path]:
     """The label map and the JSON summary predict writes for ``scan``."""
     suffix = FORMATS[out_format] if out_format else scan.suffix
@@ -168,111 +131,92 @@ def _refuse_overwriting_inputs(scans: list[Scan], ignored: list[Path], out: Path
                         "choose an output folder that holds no input scan")
 
 
-def _prepare(scan: Scan, plan: dict):
+def _prepare(scan: Scan, predictor: Predictor):
     """Read and preprocess one scan (runs in a worker thread)."""
-    from masksam.components.preprocess import preprocess_case
-
     if scan.problems:
         raise UserError("; ".join(scan.problems))
     # the input checks every reader shares: truncation, NaN/inf, spacing, 3D, one value per voxel
     images = [read_image(p, expect_dim=3) for p in scan.files]
-    try:
-        image, _, properties = preprocess_case(images, None, plan)
-    except UserError:
-        raise
-    except (RuntimeError, ValueError) as exc:
-        raise UserError(f"{scan.files[0]}: cannot be preprocessed ({str(exc)[:300]})") from exc
+    image, properties = predictor.preprocess(images, str(scan.files[0]))
     return images[0], image, properties
 
 
-def _infer(model: LoadedModel, image: np.ndarray, mirror: bool, overlap: float, batch_size: int,
-           progress: bool):
-    """Sliding-window inference; ``mirror`` averages over flips of the two in-plane axes (the
-    flips training augments with)."""
-    from masksam.model.inference import sliding_window_inference
+def _segment(predictor: Predictor, scan: Scan, prepared, out: Path, out_format: str | None,
+             options: dict[str, Any], progress: bool) -> Outcome:
+    """Predict one preprocessed scan, write its label map and JSON summary."""
+    started = time.time()
+    first, image, properties = prepared
+    big = image.shape[1] > 4 * int(predictor.config["slab_depth"])
+    result = predictor.predict_case(image, properties, original=first, progress=progress and big, **options)
+    target = _targets(scan, out, out_format)[0]
+    write_image(result.labels, target)
+    summary = {
+        "case": scan.case,
+        "inputs": [str(p) for p in scan.files],
+        "output": str(target),
+        "model": predictor.source,
+        **({"ensemble": predictor.sources} if len(predictor.members) > 1 else {}),
+        "backend": predictor.backend,
+        "device": predictor.device,
+        "mirror": options["mirror"],
+        "overlap": options["overlap"],
+        "size_xyz": list(first.GetSize()),
+        "spacing_xyz": list(first.GetSpacing()),
+        "structures": result.structures,
+        "seconds": round(time.time() - started, 3),
+    }
+    write_json(out / f"{scan.case}.json", summary)
+    return Outcome(scan.case, True, target, summary=summary)
 
-    cfg = model.config
-    return sliding_window_inference(
-        model.predict_slab, image, slab_depth=int(cfg["slab_depth"]), img_size=int(cfg["img_size"]),
-        num_classes=int(cfg["num_classes"]), overlap=overlap, mirror_axes=(1, 2) if mirror else (),
-        batch_size=batch_size, device=model.device if model.backend == "torch" else "cpu",
-        return_probs=True, progress=progress)
 
-
-def predict(src: str | os.PathLike, out: str | os.PathLike, model: str | os.PathLike | LoadedModel, *,
+def predict(src: str | os.PathLike, out: str | os.PathLike,
+            model: str | os.PathLike | Sequence[str | os.PathLike] | Predictor, *,
             device: str = "auto", mirror: bool = False, overlap: float = 0.5, workers: int = 2,
             batch_size: int = 1, out_format: str | None = None, threads: int | None = None,
             progress: bool = True) -> list[Outcome]:
     """Segment every scan in ``src`` (file or folder) into ``out``; return one Outcome per scan.
 
-    Per-scan errors are caught and reported in the outcomes (the CLI turns them into the exit
-    status); errors about the model or the output folder raise UserError at once.
+    ``model`` is one reference (training directory, ``model.onnx``, ``models:/`` URI), several
+    (an ensemble: averaged probabilities) or a :class:`Predictor`. Per-scan errors are caught and
+    reported in the outcomes (the CLI turns them into the exit status); errors about the model
+    or the output folder raise UserError at once.
     """
-    import SimpleITK as sitk
     from tqdm import tqdm
-
-    from masksam.components.preprocess import restore_to_original
 
     if not 0.0 <= overlap < 1.0:
         raise UserError(f"--overlap must be in [0, 1), got {overlap}")
     if workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     if out_format is not None and out_format not in FORMATS:
         raise UserError(f"--format {out_format!r}: choose one of {', '.join(FORMATS)}")
     if not Path(src).exists():
         raise UserError(f"-i {src}: no such file or folder")
     out = ensure_writable_dir(out, "-o")  # before the model loads: an unusable -o fails in seconds
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, threads=threads)
-    n_channels = len(loaded.plan.get("channel_names", {"0": "CT"}))
-    scans, ignored = find_scans(src, n_channels)
+    predictor = model if isinstance(model, Predictor) else Predictor.load(model, device=device, threads=threads)
+    scans, ignored = find_scans(src, predictor.n_channels)
     for path in ignored:
         log.warning("%s: not an image (%s); ignored", path, ", ".join(IMAGE_SUFFIXES))
     _refuse_overwriting_inputs(scans, ignored, out, out_format)
-    names = loaded.labels
+    options = {"mirror": mirror, "overlap": overlap, "batch_size": batch_size}
     outcomes: list[Outcome] = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
         pending: dict[int, Future] = {}
 
         def submit(i: int) -> None:
             if i < len(scans) and i not in pending:
-                pending[i] = pool.submit(_prepare, scans[i], loaded.plan)
+                pending[i] = pool.submit(_prepare, scans[i], predictor)
 
         for i in range(min(workers, len(scans))):
             submit(i)
         bar = tqdm(scans, desc="predict", unit="scan", disable=not progress)
         for i, scan in enumerate(bar):
             bar.set_postfix_str(scan.case)
-            started = time.time()
             future = pending.pop(i)
             submit(i + workers)
             try:
-                first, image, properties = future.result()
-                big = image.shape[1] > 4 * int(loaded.config["slab_depth"])
-                probs, labels = _infer(loaded, image, mirror, overlap, batch_size, progress and big)
-                probs = np.asarray(probs)
-                labels = np.asarray(labels).astype(np.uint8)
-                # class probabilities go back to the original spacing, then argmax (nnU-Net's way)
-                restored = restore_to_original(probs, properties)
-                _match_header(restored, first, scan.files[0])
-                target = _targets(scan, out, out_format)[0]
-                write_image(restored, target)
-                summary = {
-                    "case": scan.case,
-                    "inputs": [str(p) for p in scan.files],
-                    "output": str(target),
-                    "model": loaded.source,
-                    "backend": loaded.backend,
-                    "device": loaded.device,
-                    "mirror": mirror,
-                    "overlap": overlap,
-                    "size_xyz": list(first.GetSize()),
-                    "spacing_xyz": list(first.GetSpacing()),
-                    "structures": structure_summary(labels, probs, sitk.GetArrayViewFromImage(restored),
-                                                    first.GetSpacing(), names),
-                    "seconds": round(time.time() - started, 3),
-                }
-                write_json(out / f"{scan.case}.json", summary)
-                outcomes.append(Outcome(scan.case, True, target, summary=summary))
+                outcomes.append(_segment(predictor, scan, future.result(), out, out_format, options, progress))
             except UserError as exc:
                 log.error("%s", exc)
                 outcomes.append(Outcome(scan.case, False, error=str(exc)))
@@ -286,16 +230,19 @@ def predict(src: str | os.PathLike, out: str | os.PathLike, model: str | os.Path
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "predict", help="segment new scans (NIfTI/NRRD/MHA file or folder)",
-        description="Segment scans with a checkpoint directory, an exported model.onnx or an MLflow "
-        "model URI. Label maps are written in each input's exact geometry, with a JSON summary "
+        description="Segment scans with a training directory, an exported model.onnx or an MLflow "
+        "model URI (or an ensemble of several). Label maps are written in each input's exact geometry, with a JSON summary "
         "(volume in mL and mean confidence per structure) beside each.")
     p.add_argument("-i", "--input", required=True, help="an image file, or a folder of them; several "
                    "channels per case use nnU-Net naming CASE_0000.nii.gz, CASE_0001.nii.gz, ...")
     p.add_argument("-o", "--output", required=True, help="output folder (created)")
-    p.add_argument("--model", required=True, help="checkpoint directory (masksam train), model.onnx "
-                   "(masksam export; its .json sidecar beside it) or a registered model "
-                   "(models:/masksam@champion, models:/masksam/3), verified file by file against the "
-                   "registry's record before it runs")
+    p.add_argument("--model", required=True, nargs="+", metavar="MODEL",
+                   help="training directory (masksam train), model.onnx (masksam export; its .json "
+                   "sidecar beside it) or a registered model (models:/masksam@champion, "
+                   "models:/masksam/3), verified file by file against the registry's record before "
+                   "it runs. Several models form an ensemble (e.g. the 5 folds, like nnU-Net's -f 0 1 "
+                   "2 3 4): their class probabilities are averaged before the argmax; they must share "
+                   "the preprocessing plan and the labels")
     p.add_argument("--device", choices=DEVICES, default="auto", help="auto: best available; cpu; cuda; "
                    "tensorrt (ONNX models: ONNX Runtime's TensorRT provider). A requested provider "
                    "that is missing is an error, never a silent CPU fallback")

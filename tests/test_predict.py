@@ -1,4 +1,5 @@
-"""masksam predict: geometry kept, summaries, per-file errors, checkpoint dir vs ONNX, tampering."""
+"""masksam predict: geometry kept, summaries, per-file errors, training dir vs ONNX, ensembles,
+tampering."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import SimpleITK as sitk
 
 from _delivery_fixtures import delivery_root, export_dir, phantom_ct, preprocessed, train_dir  # noqa: F401
 from masksam.cli import main
-from masksam.components._loading import HashMismatch, check_session_providers, load_model, select_providers
+from masksam.components._loading import HashMismatch, check_session_providers, select_providers
+from masksam.components.predictor import Predictor
 from masksam.errors import UserError
 
 
@@ -71,6 +73,25 @@ def test_checkpoint_dir_and_onnx_agree(tmp_path, train_dir, export_dir):  # noqa
     assert b[0].summary["mirror"] is True
 
 
+def test_predict_cli_ensemble_of_training_dir_and_onnx(tmp_path, train_dir, export_dir, capsys):  # noqa: F811
+    """``--model A B``: an ensemble (one training directory, one ONNX file of the same weights)
+    gives the single model's labels and records its members."""
+    img, _ = phantom_ct(4)
+    sitk.WriteImage(img, str(tmp_path / "ct.nii.gz"))
+    rc = main(["predict", "-i", str(tmp_path / "ct.nii.gz"), "-o", str(tmp_path / "ens"), "--model",
+               str(train_dir), str(export_dir / "model.onnx"), "--device", "cpu", "--no-progress"])
+    assert rc == 0, capsys.readouterr()
+    rc = main(["predict", "-i", str(tmp_path / "ct.nii.gz"), "-o", str(tmp_path / "one"), "--model",
+               str(train_dir), "--device", "cpu", "--no-progress"])
+    assert rc == 0
+    summary = json.loads((tmp_path / "ens" / "ct.json").read_text())
+    assert summary["ensemble"] == [str(train_dir), str(export_dir / "model.onnx")]
+    assert summary["backend"] == "torch+onnxruntime"
+    ens = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "ens" / "ct.nii.gz")))
+    one = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "one" / "ct.nii.gz")))
+    assert (ens == one).mean() > 0.999
+
+
 def test_tampered_onnx_refused(tmp_path, export_dir):  # noqa: F811
     copy = tmp_path / "export"
     shutil.copytree(export_dir, copy)
@@ -78,10 +99,10 @@ def test_tampered_onnx_refused(tmp_path, export_dir):  # noqa: F811
         fh.seek(-20, 2)
         fh.write(b"\x00" * 8)
     with pytest.raises(HashMismatch, match="does not match"):
-        load_model(copy / "model.onnx", device="cpu")
+        Predictor.load(copy / "model.onnx", device="cpu")
     (copy / "model.onnx.json").unlink()
     with pytest.raises(UserError, match="no sidecar"):
-        load_model(copy / "model.onnx", device="cpu")
+        Predictor.load(copy / "model.onnx", device="cpu")
 
 
 def test_tampered_weights_refused(tmp_path, train_dir):  # noqa: F811
@@ -91,7 +112,7 @@ def test_tampered_weights_refused(tmp_path, train_dir):  # noqa: F811
     data[-1] ^= 0xFF
     (copy / "model.safetensors").write_bytes(bytes(data))
     with pytest.raises(HashMismatch, match="train_summary.json"):
-        load_model(copy, device="cpu")
+        Predictor.load(copy, device="cpu")
 
 
 def test_provider_selection():
@@ -107,7 +128,7 @@ def test_provider_selection():
 
 def test_bad_model_path(tmp_path):
     with pytest.raises(UserError, match="not found"):
-        load_model(tmp_path / "nope")
+        Predictor.load(tmp_path / "nope")
 
 
 @pytest.mark.gpu
@@ -116,5 +137,5 @@ def test_cuda_provider_really_used(export_dir):  # noqa: F811
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("onnxruntime-gpu with CUDAExecutionProvider is not installed here (CPU build)")
-    loaded = load_model(export_dir / "model.onnx", device="cuda")
+    loaded = Predictor.load(export_dir / "model.onnx", device="cuda")
     assert loaded.providers[0] == "CUDAExecutionProvider"
