@@ -6,8 +6,9 @@ label of dataset.json is scored per case (Dice, HD95 in mm, normalised surface D
 shape is written with a ``conventions`` block saying how each number was computed. A per-case
 CSV, PNG plots and (optionally) MLflow logging come with it.
 
-:func:`evaluate_folders` is the API; the pipeline's evaluate step (predict held-out cases, then
-score them) calls it on its prediction folder, and :func:`score_case` for in-memory arrays.
+:func:`evaluate_folders` is the API for files; the pipeline's evaluate step
+(:func:`evaluate_model`) predicts the held-out cases with the one predictor and scores the
+arrays in memory with :func:`score_arrays`, the function both paths share.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import math
 import multiprocessing
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -30,7 +30,9 @@ from masksam.components import metrics
 from masksam.components._io import atomic_path, ensure_writable_dir, image_suffix, owned_output_dir, read_image, read_json, write_json
 from masksam.components._tracking import metric_name, unique_metric_names
 from masksam.components._scan import read_dataset_json
+from masksam.components.data.manifest import test_set_digest
 from masksam.components.metrics import METRICS, score_case  # noqa: F401  (re-exported API)
+from masksam.components.params import add_params_arguments, params_from_args, pick
 from masksam.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -154,24 +156,33 @@ def _score_file_pair(job: tuple) -> dict[str, Any]:
         pred_img = read_image(pred_path, expect_dim=None)
         _check_geometry(pred_img, gt_img, pred_path, gt_path)
         pred = _label_array(pred_img, pred_path)
-    spacing = gt_img.GetSpacing()[::-1]  # SimpleITK (x, y, z) -> array axis order (z, y, x)
+    entry: dict[str, Any] = {
+        "case": case,
+        "reference_file": str(gt_path),
+        "prediction_file": str(pred_path),
+        "prediction_missing": missing,
+    }
+    entry.update(score_arrays(pred, gt, gt_img.GetSpacing(), label_ids, tolerance_mm, hd_convention, connectivity))
+    return entry
+
+
+def score_arrays(pred: np.ndarray, gt: np.ndarray, spacing_xyz: Sequence[float], label_ids: Sequence[int],
+                 tolerance_mm: float, hd_convention: str, connectivity: int) -> dict[str, Any]:
+    """Score one case given as label arrays ``[Z, Y, X]`` on one grid of ``spacing_xyz`` (mm,
+    SimpleITK order): ``spacing_xyz``, ``metrics`` per label and, when either array holds
+    labels dataset.json does not name, ``labels_not_in_dataset_json``. Files and in-memory
+    predictions (evaluate's pipeline mode) are scored by this one function."""
+    spacing = tuple(spacing_xyz)[::-1]  # SimpleITK (x, y, z) -> array axis order (z, y, x)
     scores = metrics.score_case(pred, gt, spacing, label_ids, tolerance_mm, hd_convention, connectivity)
     known = set(label_ids)
     unexpected = {
         "prediction": [v for v in metrics.labels_present(pred) if v not in known],
         "reference": [v for v in metrics.labels_present(gt) if v not in known],
     }
-    entry: dict[str, Any] = {
-        "case": case,
-        "reference_file": str(gt_path),
-        "prediction_file": str(pred_path),
-        "prediction_missing": missing,
-        "spacing_xyz": list(gt_img.GetSpacing()),
-        "metrics": scores,
-    }
+    out: dict[str, Any] = {"spacing_xyz": list(spacing_xyz), "metrics": scores}
     if unexpected["prediction"] or unexpected["reference"]:
-        entry["labels_not_in_dataset_json"] = unexpected
-    return entry
+        out["labels_not_in_dataset_json"] = unexpected
+    return out
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -305,6 +316,33 @@ def log_to_mlflow(summary: Mapping[str, Any], files: Sequence[Path], prefix: str
 # ----------------------------------------------------------------------------- API
 
 
+def _summary(per_case: list[dict[str, Any]], names: dict[int, str], missing: list[str], extra: list[str],
+             pred_dir: str | os.PathLike, gt_dir: str | os.PathLike, references: dict[str, list[Path]],
+             conventions: dict[str, Any]) -> dict[str, Any]:
+    """The nnU-Net-shaped summary of scored cases (shared by folder and pipeline mode)."""
+    label_ids = sorted(names)
+    odd = [e for e in per_case if "labels_not_in_dataset_json" in e]
+    if odd:
+        values = sorted({v for e in odd for vs in e["labels_not_in_dataset_json"].values() for v in vs})
+        log.warning("%d of %d cases hold label values that dataset.json does not name, so they are not "
+                    "scored: %s (per case: labels_not_in_dataset_json in the summary)", len(odd), len(per_case), values)
+    mean, foreground_mean = aggregate(per_case, label_ids)
+    return {
+        "foreground_mean": foreground_mean,
+        "mean": mean,
+        "metric_per_case": per_case,
+        "labels": {str(k): names[k] for k in label_ids},
+        "n_cases": len(per_case),
+        "missing_predictions": missing,
+        "predictions_without_reference": extra,
+        "prediction_folder": str(pred_dir),
+        "reference_folder": str(gt_dir),
+        # the references' content hash: registration compares scores only on the same test set
+        "test_set_id": test_set_digest(references),
+        "conventions": conventions,
+    }
+
+
 def evaluate_folders(
     pred_dir: str | os.PathLike,
     gt_dir: str | os.PathLike,
@@ -369,24 +407,8 @@ def evaluate_folders(
     finally:
         progress.close()
     per_case = [r for r in results if r is not None]
-    odd = [e for e in per_case if "labels_not_in_dataset_json" in e]
-    if odd:
-        values = sorted({v for e in odd for vs in e["labels_not_in_dataset_json"].values() for v in vs})
-        log.warning("%d of %d cases hold label values that dataset.json does not name, so they are not "
-                    "scored: %s (per case: labels_not_in_dataset_json in the summary)", len(odd), len(per_case), values)
-    mean, foreground_mean = aggregate(per_case, label_ids)
-    summary: dict[str, Any] = {
-        "foreground_mean": foreground_mean,
-        "mean": mean,
-        "metric_per_case": per_case,
-        "labels": {str(k): names[k] for k in label_ids},
-        "n_cases": len(per_case),
-        "missing_predictions": missing,
-        "predictions_without_reference": extra,
-        "prediction_folder": str(pred_dir),
-        "reference_folder": str(gt_dir),
-        "conventions": metrics.conventions(tolerance_mm, hd_convention, connectivity),
-    }
+    summary = _summary(per_case, names, missing, extra, pred_dir, gt_dir, {case: [gt] for case, gt, _ in pairs},
+                       metrics.conventions(tolerance_mm, hd_convention, connectivity))
     files: list[Path] = []
     if out_json is not None:
         write_json(out_json, _json_safe(summary))
@@ -396,14 +418,63 @@ def evaluate_folders(
     if plots_dir is not None:
         files.extend(write_plots(summary, plots_dir))
     _maybe_log_mlflow(summary, files, mlflow_log)
-    fm = foreground_mean
+    fm = summary["foreground_mean"]
     log.info("foreground mean over %d cases: Dice %.4f, HD95 %.2f mm, NSD@%gmm %.4f",
              len(per_case), fm["Dice"], fm["HD95"], tolerance_mm, fm["NSD"])
     return summary
 
 
+def _held_out(raw: Path, cases: list[str], fe: str) -> list[tuple[str, list[Path], Path]]:
+    """``(case, channel files, reference label)`` of each held-out case in the raw dataset."""
+    found = []
+    for case in cases:
+        channels = sorted((raw / "imagesTr").glob(f"{case}_[0-9][0-9][0-9][0-9]{fe}"))
+        label = raw / "labelsTr" / f"{case}{fe}"
+        if not channels or not label.is_file():
+            raise UserError(f"held-out case '{case}' is missing from {raw} (imagesTr/{case}_0000{fe} "
+                            f"or labelsTr/{case}{fe}): was the raw data changed after preprocessing?")
+        found.append((case, channels, label))
+    return found
+
+
+def _predict_held_out(predictor, held_out: list[tuple[str, list[Path], Path]], staged: Path, final: Path,
+                      fe: str, label_ids: list[int], scoring: dict[str, Any], options: dict[str, Any],
+                      workers: int, progress: bool) -> list[dict[str, Any]]:
+    """Predict each case in memory, write its label map (and structure summary) into
+    ``staged``, score the arrays; scoring runs in ``workers`` processes beside the next
+    prediction. Entries name the prediction where it will be (``final``)."""
+    from tqdm.auto import tqdm
+
+    from masksam.components._io import write_image
+
+    pool = None
+    if workers > 1 and len(held_out) > 1:
+        pool = cf.ProcessPoolExecutor(max_workers=min(workers, len(held_out)),
+                                      mp_context=multiprocessing.get_context(_start_method()))
+    entries: list[Any] = []
+    try:
+        for case, channels, label in tqdm(held_out, desc="evaluate", unit="case", disable=not progress):
+            result = predictor.predict_files(channels, **options)
+            name = f"{case}{fe}"
+            write_image(result.labels, staged / name)
+            write_json(staged / f"{case}.json", {"case": case, "inputs": [str(c) for c in channels],
+                                                 "model": predictor.source, **options,
+                                                 "structures": result.structures})
+            gt_img = read_image(label, expect_dim=None)
+            _check_geometry(result.labels, gt_img, final / name, label)
+            pred, gt = _label_array(result.labels, final / name), _label_array(gt_img, label)
+            head = {"case": case, "reference_file": str(label), "prediction_file": str(final / name),
+                    "prediction_missing": False}
+            job = (pred, gt, gt_img.GetSpacing(), label_ids, *scoring.values())
+            entries.append((head, pool.submit(score_arrays, *job) if pool else score_arrays(*job)))
+        return [{**head, **(scores.result() if pool else scores)} for head, scores in entries]
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
 def evaluate_model(
-    model: str | os.PathLike,
+    model: str | os.PathLike | Sequence[str | os.PathLike],
     raw_dir: str | os.PathLike,
     preprocessed_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -413,6 +484,7 @@ def evaluate_model(
     hd_convention: str = "medpy",
     device: str = "auto",
     mirror: bool = False,
+    overlap: float = 0.5,
     workers: int = 1,
     mlflow_log: bool | None = None,
     progress: bool = True,
@@ -420,18 +492,22 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """Pipeline mode: predict the held-out cases of ``splits.json`` with ``model``, then score them.
 
-    The cases are read from the RAW dataset (the files a user would give ``masksam predict``),
-    so the score covers the whole path: preprocessing, the network, and restoring the original
-    geometry. Writes into ``out_dir``: ``predictions/``, ``summary.json`` (nnU-Net shape),
-    ``per_case.csv``, ``plots/``, ``metrics.json`` (flat, for ``dvc metrics``) and
-    ``per_class.csv`` (for ``dvc plots``). With a training directory as ``model``, metrics are
-    logged into that training's MLflow run (``test/...``), so one run holds the whole story.
-    ``out_dir`` is written whole, atomically, and replaces only an earlier evaluate output
-    (or any folder with ``force``); it never overlaps the raw data, the preprocessed data or
-    the model.
+    ``model``: a training directory, an exported ``model.onnx`` or an MLflow URI, or several
+    (an ensemble: averaged probabilities), run through the one
+    :class:`~masksam.components.predictor.Predictor`. The cases are read from the RAW dataset
+    (the files a user would give ``masksam predict``), so the score covers the whole path:
+    preprocessing, the network, and restoring the original geometry. Predictions are scored in
+    memory (no temporary folder, nothing re-read) and written into ``out_dir``:
+    ``predictions/``, ``summary.json`` (nnU-Net shape), ``per_case.csv``, ``plots/``,
+    ``metrics.json`` (flat, for ``dvc metrics``) and ``per_class.csv`` (for ``dvc plots``). With
+    one training directory as ``model``, metrics are logged into that training's MLflow run
+    (``test/...``), so one run holds the whole story. ``out_dir`` is written whole, atomically,
+    and replaces only an earlier evaluate output (or any folder with ``force``); it never
+    overlaps the raw data, the preprocessed data or the models.
     """
-    from masksam.components.predict import predict
+    from masksam.components.predictor import Predictor
 
+    refs = [model] if isinstance(model, (str, os.PathLike)) else list(model)
     raw, out = Path(raw_dir), Path(out_dir)
     meta = read_dataset_json(raw / "dataset.json")
     splits = read_json(Path(preprocessed_dir) / "splits.json", "splits file")
@@ -443,41 +519,26 @@ def evaluate_model(
     if not cases:
         raise UserError(f"{preprocessed_dir}/splits.json has no '{split}' cases: raise "
                         "preprocess.test_fraction or record fixed_test_cases in dataset.json")
+    if not 0.0 <= overlap < 1.0:
+        raise UserError(f"--overlap must be in [0, 1), got {overlap}")
     fe = meta.get("file_ending", ".nii.gz")
-    local_model = (Path(model),) if Path(str(model)).exists() else ()
-    with owned_output_dir(out, "evaluate", inputs=(raw, Path(preprocessed_dir), *local_model), force=force,
-                          what="output folder (--out-dir)") as staged, \
-            tempfile.TemporaryDirectory(prefix="masksam-eval-") as tmp:
-        images, gt = Path(tmp) / "images", Path(tmp) / "gt"
-        images.mkdir()
-        gt.mkdir()
-        for case in cases:
-            channels = sorted((raw / "imagesTr").glob(f"{case}_[0-9][0-9][0-9][0-9]{fe}"))
-            label = raw / "labelsTr" / f"{case}{fe}"
-            if not channels or not label.is_file():
-                raise UserError(f"held-out case '{case}' is missing from {raw} (imagesTr/{case}_0000{fe} "
-                                f"or labelsTr/{case}{fe}): was the raw data changed after preprocessing?")
-            for channel in channels:
-                os.symlink(channel.resolve(), images / channel.name)
-            os.symlink(label.resolve(), gt / label.name)
-        outcomes = predict(images, staged / "predictions", model, device=device, mirror=mirror, workers=1,
-                           progress=progress)
-        failed = [o for o in outcomes if not o.ok]
-        if failed:
-            raise UserError("prediction failed for " + "; ".join(f"{o.case}: {o.error}" for o in failed))
-        summary = evaluate_folders(
-            staged / "predictions", gt, meta["labels"], tolerance_mm=tolerance_mm,
-            hd_convention=hd_convention, workers=workers, out_json=None, out_csv=None,
-            plots_dir=staged / "plots", mlflow_log=False)
-        # name the files where they will be once the staged folder is in place: the raw
-        # reference, not the temporary link to it, and the prediction under OUT
-        for entry in summary["metric_per_case"]:
-            entry["reference_file"] = str(raw / "labelsTr" / f"{entry['case']}{fe}")
-            entry["prediction_file"] = str(out / "predictions" / Path(entry["prediction_file"]).name)
-        summary["prediction_folder"] = str(out / "predictions")
-        summary["reference_folder"] = str(raw / "labelsTr")
+    names = _normalise_labels(meta["labels"])
+    local_models = tuple(Path(str(r)) for r in refs if Path(str(r)).exists())
+    with owned_output_dir(out, "evaluate", inputs=(raw, Path(preprocessed_dir), *local_models), force=force,
+                          what="output folder (--out-dir)") as staged:
+        held_out = _held_out(raw, cases, fe)
+        predictor = Predictor.load(refs, device=device)
+        (staged / "predictions").mkdir()
+        scoring = {"tolerance_mm": tolerance_mm, "hd_convention": hd_convention, "connectivity": 1}
+        per_case = _predict_held_out(predictor, held_out, staged / "predictions", out / "predictions", fe,
+                                     sorted(names), scoring, {"mirror": mirror, "overlap": overlap},
+                                     workers, progress)
+        summary = _summary(per_case, names, [], [], out / "predictions", raw / "labelsTr",
+                           {case: [*channels, label] for case, channels, label in held_out},
+                           metrics.conventions(tolerance_mm, hd_convention, 1))
+        write_plots(summary, staged / "plots")
         summary["split"] = split
-        summary["model"] = str(model)
+        summary["model"] = str(refs[0]) if len(refs) == 1 else [str(r) for r in refs]
         write_json(staged / "summary.json", _json_safe(summary))
         write_csv(summary, staged / "per_case.csv")
         flat = {
@@ -494,7 +555,10 @@ def evaluate_model(
                 writer.writerow([name, *[values.get(m) for m in BOX_METRICS]])
     files = [out / "summary.json", out / "per_case.csv", out / "metrics.json", out / "per_class.csv",
              *sorted((out / "plots").glob("*.png"))]
-    _log_into_training_run(model, summary, files, mlflow_log)
+    if len(refs) == 1:
+        _log_into_training_run(refs[0], summary, files, mlflow_log)
+    else:  # an ensemble has no one training run
+        _maybe_log_mlflow(summary, files, mlflow_log)
     return summary
 
 
@@ -561,12 +625,13 @@ def _run_cli(args: argparse.Namespace) -> int:
     stem = out.name[: -len(".json")] if out.name.endswith(".json") else out.name
     csv_path = Path(args.csv) if args.csv else out.with_name(f"{stem}_per_case.csv")
     plots_dir = Path(args.plots) if args.plots else out.with_name(f"{stem}_plots")
+    ev = params_from_args(args).evaluate
     evaluate_folders(
         args.pred,
         args.gt,
         labels_from_dataset_json(args.dataset_json),
-        tolerance_mm=2.0 if args.nsd_tolerance is None else args.nsd_tolerance,
-        hd_convention=args.hd_convention,
+        tolerance_mm=pick(args.nsd_tolerance, ev.nsd_tolerance_mm),
+        hd_convention=pick(args.hd_convention, ev.hd_convention),
         connectivity=args.surface_connectivity,
         workers=args.workers,
         out_json=out,
@@ -579,19 +644,15 @@ def _run_cli(args: argparse.Namespace) -> int:
 
 
 def _run_pipeline_mode(args: argparse.Namespace) -> int:
-    from masksam.components._io import params_or_default, pick_option, section
-
-    params = params_or_default(args.params)
-    ev = section(params, "evaluate")
-    raw = pick_option(args.raw, section(params, "data"), "out")
-    pre = pick_option(args.preprocessed, section(params, "preprocess"), "out")
-    out_dir = pick_option(args.out_dir, ev, "out")
-    tolerance = float(pick_option(args.nsd_tolerance, ev, "nsd_tolerance_mm", 2.0))
-    missing = [n for n, v in (("--raw", raw), ("--preprocessed", pre), ("--out-dir", out_dir)) if v is None]
-    if missing:
-        raise UserError(f"pipeline mode needs {', '.join(missing)} (or --params with data/preprocess/evaluate sections)")
-    summary = evaluate_model(args.model, raw, pre, out_dir, split=args.split, tolerance_mm=tolerance,
-                             hd_convention=args.hd_convention, device=args.device, mirror=args.mirror,
+    """Pipeline mode: every option given on the command line wins, else params (evaluate:,
+    data.out, preprocess.out), whose missing keys are the defaults of components/params.py."""
+    params = params_from_args(args)
+    ev = params.evaluate
+    out_dir = pick(args.out_dir, ev.out)
+    summary = evaluate_model(args.model, pick(args.raw, params.data.out), pick(args.preprocessed, params.preprocess.out),
+                             out_dir, split=args.split, tolerance_mm=pick(args.nsd_tolerance, ev.nsd_tolerance_mm),
+                             hd_convention=pick(args.hd_convention, ev.hd_convention), device=args.device,
+                             mirror=pick(args.mirror, ev.mirror), overlap=pick(args.overlap, ev.overlap),
                              workers=args.workers, mlflow_log=False if args.no_mlflow else None,
                              progress=not args.no_progress, force=args.force)
     fm = summary["foreground_mean"]
@@ -621,10 +682,11 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--nsd-tolerance", type=float, default=None, metavar="MM",
                    help="tolerance of the normalised surface Dice, in mm (default: 2.0, or "
                    "evaluate.nsd_tolerance_mm of --params)")
-    p.add_argument("--hd-convention", choices=metrics.HD_CONVENTIONS, default="medpy",
+    p.add_argument("--hd-convention", choices=metrics.HD_CONVENTIONS, default=None,
                    help="HD95 definition: 'medpy' = 95th percentile of the pooled distances of both "
                    "directions (medpy.metric.binary.hd95); 'monai' = max of the two directed 95th "
-                   "percentiles (monai compute_hausdorff_distance); default: %(default)s")
+                   "percentiles (monai compute_hausdorff_distance); default: evaluate.hd_convention of "
+                   "--params, medpy")
     p.add_argument("--surface-connectivity", type=int, choices=(1, 2, 3), default=1,
                    help="connectivity of the erosion that defines border voxels (medpy's "
                    "'connectivity'; 1 = face neighbours, medpy's and MONAI's default; default: %(default)s)")
@@ -639,16 +701,19 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                    "default sqlite:///mlflow.db), in the active run or a new run 'evaluate'")
     pipe = p.add_argument_group(
         "pipeline mode (predict the held-out cases with a model, then score them; dvc.yaml's stage)")
-    pipe.add_argument("--model", metavar="M", help="training directory, exported model.onnx or MLflow "
-                      "model URI; selects pipeline mode")
+    pipe.add_argument("--model", metavar="M", nargs="+", help="training directory, exported model.onnx or "
+                      "MLflow model URI; several form an ensemble (class probabilities averaged before "
+                      "the argmax, e.g. the folds); selects pipeline mode")
     pipe.add_argument("--raw", metavar="DIR", help="raw dataset (default: data.out of --params)")
     pipe.add_argument("--preprocessed", metavar="DIR", help="preprocessed dataset holding splits.json "
                       "(default: preprocess.out of --params)")
     pipe.add_argument("--out-dir", metavar="DIR", help="output folder: predictions/, summary.json, "
                       "per_case.csv, plots/, metrics.json, per_class.csv (default: evaluate.out of --params)")
     pipe.add_argument("--split", default="test", help="'test' (default) or 'valN' for fold N's validation cases")
-    pipe.add_argument("--params", metavar="FILE", help="params file supplying the defaults above "
-                      "(default: params.yaml when present)")
+    add_params_arguments(p, "params file supplying the defaults of the options (its evaluate:, data.out, "
+                         "preprocess.out; default: params.yaml when present, else the built-in defaults)")
+    pipe.add_argument("--overlap", type=float, default=None, help="sliding-window overlap in [0, 1) "
+                      "(default: evaluate.overlap of --params, 0.5)")
     pipe.add_argument("--device", default="auto", help="auto, cpu, cuda or tensorrt (default: %(default)s)")
     pipe.add_argument("--mirror", action="store_true", help="test-time mirroring (slower, slightly better)")
     pipe.add_argument("--no-mlflow", action="store_true", help="do not log the test metrics to the "
@@ -656,4 +721,5 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     pipe.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
     pipe.add_argument("--force", action="store_true", help="replace --out-dir even when it holds files "
                       "masksam evaluate did not write (by default only its own earlier output is replaced)")
-    p.set_defaults(func=_run_cli)
+    # mirror=None: "not given" (then evaluate.mirror of --params decides), whatever --mirror's action
+    p.set_defaults(func=_run_cli, mirror=None)
