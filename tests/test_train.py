@@ -4,7 +4,6 @@ exact resume after SIGKILL, and clear errors for broken inputs."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -17,7 +16,8 @@ import pytest
 import torch
 import yaml
 
-from masksam.components.train import TrainConfig, state_hash, train
+from masksam.components.params import LossParams, TrainParams, load_params
+from masksam.components.train import state_hash, train
 from masksam.errors import UserError
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -28,11 +28,16 @@ MASKSAM = str(Path(sys.executable).with_name("masksam"))
 TINY_MODEL = {"variant": "tiny", "img_size": 32, "slab_depth": 4, "num_queries": 5, "freeze_sam": False}
 
 
-def tiny_train(**over) -> TrainConfig:
-    base = dict(steps=3, val_every=2, batch_size=1, lr=1e-3, num_points=64, mlflow=False, overlay_cases=0,
-                val_cases=1)
+def tiny_train(**over) -> TrainParams:
+    """A few steps of batch 1, no tracking; Hungarian matching with augmentation (what the
+    paper configurations train with), not the demo's fixed matching."""
+    base = dict(steps=3, val_every=2, batch_size=1, lr=1e-3, mlflow=False, overlay_cases=0, val_cases=1,
+                matching="hungarian", augment=True, warmup_steps=0, foreground_oversample=0.33)
     base.update(over)
-    return TrainConfig(**base)
+    return TrainParams(**base)
+
+
+TINY_LOSS = LossParams(num_points=64)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +59,8 @@ def preprocessed(tmp_path_factory) -> Path:
 def _params_file(tmp_path: Path, preprocessed: Path, out: Path, **train_over) -> Path:
     train_section = {k: v for k, v in vars(tiny_train(**train_over)).items()}
     train_section["out"] = str(out)
-    params = {"preprocess": {"out": str(preprocessed)}, "model": TINY_MODEL, "train": train_section}
+    params = {"preprocess": {"out": str(preprocessed)}, "model": TINY_MODEL, "train": train_section,
+              "loss": {"num_points": TINY_LOSS.num_points}}
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     return path
@@ -69,7 +75,7 @@ def test_train_writes_checkpoint_dir_and_mlflow_run(preprocessed, tmp_path, monk
     params = {"model": TINY_MODEL, "train": {"steps": 3}}
     summary = train(preprocessed, out, TINY_MODEL, tiny_train(mlflow=True, overlay_cases=1), params=params,
                     tracking=uri,
-                    raw_dir=preprocessed.parent / "raw", progress=False)
+                    raw_dir=preprocessed.parent / "raw", loss=TINY_LOSS, progress=False)
 
     for name in ("model_config.json", "plan.json", "checkpoint_last.pt", "checkpoint_best.pt",
                  "model.safetensors", "train_summary.json", "history.csv", "learning_curve.png"):
@@ -92,27 +98,37 @@ def test_train_writes_checkpoint_dir_and_mlflow_run(preprocessed, tmp_path, monk
     client = MlflowClient(tracking_uri=uri)
     run = client.get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED"
-    assert run.data.params["train.steps"] == "3"
-    assert run.data.params["effective.model.img_size"] == "32"
-    assert run.data.params["effective.train.lr"] == "0.001"
+    # each parameter once, with the value training used (the file's train.steps and the options
+    # agree here); the loss section and the optimiser's eps are recorded with the run
+    p = run.data.params
+    assert p["train.steps"] == "3" and p["model.img_size"] == "32" and p["train.lr"] == "0.001"
+    assert p["loss.num_points"] == "64" and p["loss.class_weight"] == "2.0" and p["train.adam_eps"] == "1e-08"
+    assert p["run.num_trainable_params"] and not [k for k in p if k.startswith("effective.")]
     tags = run.data.tags
+    assert tags["mlflow.source.name"] == "masksam train" and tags["mlflow.user"]
+    # the raw dataset is the run's input, its manifest hash the digest
+    (dataset,) = [i.dataset for i in run.inputs.dataset_inputs]
+    # and the run's log stays with its outputs, naming the run
+    log_text = (out / "train.log").read_text()
+    assert f"MLflow run {summary['mlflow_run_id']}" in log_text and "training tiny" in log_text
     assert tags["git_commit"] and tags["host"] and tags["torch_version"] == torch.__version__
     manifest = json.loads((preprocessed.parent / "raw" / "manifest.json").read_text())
     assert tags["data.dataset_sha256"] == manifest["dataset_sha256"]
+    assert dataset.digest == manifest["dataset_sha256"][:36]
     assert "segment_anything_version" in tags
     losses = client.get_metric_history(run.info.run_id, "loss")
     assert [m.step for m in losses] == [1, 2, 3]
     assert {"loss_ce", "lr", "val_mean_dice", "val_dice_liver", "val_dice_spleen"} <= set(run.data.metrics)
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_mean_dice")] == [2, 3]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"plan.json", "learning_curve.png", "history.csv", "overlays", "params.yaml"} <= artifacts
+    assert {"plan.json", "learning_curve.png", "history.csv", "overlays", "params.yaml", "train.log"} <= artifacts
 
 
 def test_same_seed_same_weights_other_seed_differs(preprocessed, tmp_path):
     hashes = []
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
         s = train(preprocessed, tmp_path / name, TINY_MODEL, tiny_train(steps=1, val_every=0, seed=seed),
-                  progress=False)
+                  loss=TINY_LOSS, progress=False)
         hashes.append(s["param_sha256"])
     assert hashes[0] == hashes[1]
     assert hashes[0] != hashes[2]
@@ -121,15 +137,15 @@ def test_same_seed_same_weights_other_seed_differs(preprocessed, tmp_path):
 def test_fixed_matching_trains_and_bad_settings_are_user_errors(preprocessed, tmp_path):
     """train.matching fixed: query c answers for class c (needs a query per class)."""
     fixed = train(preprocessed, tmp_path / "f", TINY_MODEL, tiny_train(steps=2, val_every=2, matching="fixed"),
-                  progress=False)
-    hung = train(preprocessed, tmp_path / "h", TINY_MODEL, tiny_train(steps=2, val_every=2), progress=False)
+                  loss=TINY_LOSS, progress=False)
+    hung = train(preprocessed, tmp_path / "h", TINY_MODEL, tiny_train(steps=2, val_every=2), loss=TINY_LOSS, progress=False)
     assert fixed["steps"] == 2 and fixed["best_val_mean_dice"] is not None
     assert fixed["param_sha256"] != hung["param_sha256"]
     with pytest.raises(UserError, match="num_queries >= 3"):  # background, liver, spleen
         train(preprocessed, tmp_path / "q", {**TINY_MODEL, "num_queries": 2}, tiny_train(matching="fixed"),
-              progress=False)
+              loss=TINY_LOSS, progress=False)
     with pytest.raises(UserError, match="train.matching must be one of"):
-        TrainConfig.from_params({"matching": "greedy"})
+        load_params(None, {"train.matching": "greedy"})
 
 
 def test_resume_after_interruption_matches_uninterrupted_run(preprocessed, tmp_path, monkeypatch):
@@ -137,7 +153,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(preprocessed, tmp_p
     import masksam.components.train as train_mod
 
     cfg = tiny_train(steps=2, val_every=1, checkpoint_every=1)
-    ref = train(preprocessed, tmp_path / "ref", TINY_MODEL, cfg, progress=False)
+    ref = train(preprocessed, tmp_path / "ref", TINY_MODEL, cfg, loss=TINY_LOSS, progress=False)
 
     real_save = train_mod.save_checkpoint
 
@@ -148,10 +164,10 @@ def test_resume_after_interruption_matches_uninterrupted_run(preprocessed, tmp_p
 
     monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        train(preprocessed, tmp_path / "run", TINY_MODEL, cfg, progress=False)
+        train(preprocessed, tmp_path / "run", TINY_MODEL, cfg, loss=TINY_LOSS, progress=False)
     monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
     assert torch.load(tmp_path / "run" / "checkpoint_last.pt", weights_only=True)["step"] == 1
-    resumed = train(preprocessed, tmp_path / "run", TINY_MODEL, cfg, resume=True, progress=False)
+    resumed = train(preprocessed, tmp_path / "run", TINY_MODEL, cfg, resume=True, loss=TINY_LOSS, progress=False)
     assert resumed["steps"] == 2 and resumed["param_sha256"] == ref["param_sha256"]
     assert resumed["best_val_mean_dice"] == ref["best_val_mean_dice"]
 
@@ -161,7 +177,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(preprocessed, tmp_path):
     """Kill a CLI training with SIGKILL after its first checkpoint; --resume ends bitwise equal."""
     steps = 6
     ref = train(preprocessed, tmp_path / "ref", TINY_MODEL,
-                tiny_train(steps=steps, val_every=2, checkpoint_every=2), progress=False)
+                tiny_train(steps=steps, val_every=2, checkpoint_every=2), loss=TINY_LOSS, progress=False)
 
     out = tmp_path / "killed"
     params = _params_file(tmp_path, preprocessed, out, steps=steps, val_every=2, checkpoint_every=2)
@@ -231,7 +247,8 @@ def test_cli_reports_user_error_and_help(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     help_text = capsys.readouterr().out
-    for opt in ("--resume", "--fold", "--steps", "--device", "--preprocessed", "--out", "--precision"):
+    for opt in ("--resume", "--fold", "--steps", "--device", "--preprocessed", "--out", "--precision", "--dry-run",
+                "--set", "--num-classes"):
         assert opt in help_text
     params.write_text(yaml.safe_dump({"model": TINY_MODEL, "train": {"stepz": 1}}))
     assert main(["train", "--params", str(params)]) == 2
@@ -288,3 +305,91 @@ def test_augmentation_keeps_slices_and_label_values():
     assert set(lab.unique().tolist()) <= {0, 2}
     # In-plane only: the organ stays in slice 1.
     assert lab[0].sum() == 0 and lab[2].sum() == 0 and lab[1].sum() > 0
+
+
+def _dry_run(capsys, *argv: str) -> tuple[str, dict]:
+    from masksam.cli import main
+
+    assert main(["train", *argv, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    return out, json.loads(out.strip().splitlines()[-1])
+
+
+DRY_RUN_KEYS = {"variant", "img_size", "slab_depth", "num_queries", "total_parameters", "trainable_parameters",
+                "loss_weights", "matcher_costs", "optimizer", "trainable_by_part", "point_sampling", "foreground"}
+
+
+def test_dry_run_prints_the_report_and_a_json_last_line_without_data(tmp_path, capsys, monkeypatch):
+    """Tiny config, no dataset anywhere: the params, then --set, then the explicit options."""
+    from masksam.model import MaskSAMConfig, build_masksam
+
+    monkeypatch.chdir(tmp_path)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({
+        "model": TINY_MODEL, "preprocess": {"out": str(tmp_path / "missing")},
+        "train": {"lr": 0.01, "adam_eps": 1e-4, "matching": "hungarian"},
+        "loss": {"class_weight": 0.2, "mask_bce_weight": 1.2, "cost_giou": 0.7, "num_points": 0}}))
+    text, info = _dry_run(capsys, "--params", str(params), "--set", "loss.box_l1_weight=0.5", "--set",
+                          "train.lr=0.02", "--lr", "0.03", "--num-classes", "3")
+    assert DRY_RUN_KEYS <= set(info)
+    assert (info["variant"], info["img_size"], info["slab_depth"], info["num_queries"]) == ("tiny", 32, 4, 5)
+    assert info["optimizer"] == {"name": "AdamW", "lr": 0.03, "weight_decay": 1e-4, "eps": 1e-4}
+    assert info["loss_weights"]["class"] == 0.2 and info["loss_weights"]["box_l1"] == 0.5
+    assert info["matcher_costs"]["giou"] == 0.7 and info["matcher_costs"]["mask_bce"] == 1.2
+    assert info["point_sampling"]["num_points"] == 32 * 32 // 4
+    real = build_masksam(MaskSAMConfig(**TINY_MODEL, num_classes=3))  # the counts are the real network's
+    assert info["total_parameters"] == sum(p.numel() for p in real.parameters())
+    assert info["trainable_parameters"] == sum(p.numel() for p in real.parameters() if p.requires_grad)
+    assert sum(info["trainable_by_part"].values()) == info["trainable_parameters"]
+    assert "encoder_adapters" in text and "prompt_generator" in text and "recipe:" in text
+    assert not (tmp_path / "data").exists()  # nothing written
+
+
+def test_dry_run_of_each_paper_config_counts_the_full_size_network(capsys):
+    """The three paper configurations on the meta device: the counts test_model_paper_configs
+    measures on real full-size builds, the paper's recipe, in seconds."""
+    from test_model_paper_configs import EXPECTED_TRAINABLE, PAPER_CONFIGS
+
+    for name, (path, variant, size, depth, queries, labels) in PAPER_CONFIGS.items():
+        _, info = _dry_run(capsys, "--params", str(REPO / path))
+        assert (info["variant"], info["img_size"], info["slab_depth"], info["num_queries"], info["num_classes"]) == (
+            variant, size, depth, queries, labels), name
+        assert info["trainable_parameters"] == EXPECTED_TRAINABLE[name], name
+        assert info["trainable_by_part"]["sam"] == 0  # SAM frozen
+        assert info["optimizer"]["eps"] == 1e-4 and info["loss_weights"]["class"] == 0.2
+        assert info["matcher_costs"]["giou"] == 0.2 and info["foreground"] == {"oversample": 0.33, "rule": "batch"}
+
+
+def test_recipe_reaches_the_criterion_matcher_and_optimizer():
+    from masksam.components.train import build_criterion, build_optimizer
+    from masksam.model import MaskSAMConfig
+
+    mcfg = MaskSAMConfig(**TINY_MODEL, num_classes=3)
+    loss = LossParams(class_weight=0.2, mask_bce_weight=1.2, mask_dice_weight=1.1, aux_bce_weight=0.5,
+                      aux_dice_weight=0.4, box_l1_weight=0.3, giou_weight=0.0, cost_giou=0.25, cost_class=0.9,
+                      num_points=77, oversample_ratio=2.0, importance_ratio=0.6)
+    crit, points = build_criterion(loss, mcfg, "hungarian")
+    w = crit.weights
+    assert (w.ce, w.mask, w.dice, w.aux_mask, w.aux_dice, w.box_l1, w.giou) == (0.2, 1.2, 1.1, 0.5, 0.4, 0.3, 0.0)
+    assert crit.matcher.weights == {"class": 0.9, "mask": 1.2, "dice": 1.1, "aux_mask": 0.5, "aux_dice": 0.4,
+                                    "box_l1": 0.3, "giou": 0.25}
+    assert (points, crit.num_points, crit.oversample_ratio, crit.importance_sample_ratio) == (77, 77, 2.0, 0.6)
+    opt = build_optimizer([torch.nn.Parameter(torch.zeros(2))], tiny_train(adam_eps=1e-4, lr=0.5))
+    assert opt.param_groups[0]["eps"] == 1e-4 and opt.param_groups[0]["lr"] == 0.5
+    zero = LossParams(**{f: 0.0 for f in ("class_weight", "mask_bce_weight", "mask_dice_weight", "aux_bce_weight",
+                                          "aux_dice_weight", "box_l1_weight", "giou_weight")})
+    with pytest.raises(UserError, match="loss: section"):
+        build_criterion(zero, mcfg, "hungarian")
+
+
+def test_dry_run_class_counts_equal_the_importers_labels():
+    from masksam.components.data.importers import ACDC_LABELS, AMOS_LABELS, BTCV_LABELS, SYNAPSE8
+    from masksam.components.data.phantom import LABELS
+    from masksam.components.params import DataParams
+    from masksam.components.train import DATASET_NUM_CLASSES, dataset_num_classes
+
+    assert DATASET_NUM_CLASSES == {"phantom": len(LABELS), "amos": len(AMOS_LABELS) + 1,
+                                   "synapse": len(BTCV_LABELS) + 1, "synapse8": len(SYNAPSE8) + 1,
+                                   "acdc": len(ACDC_LABELS)}
+    assert dataset_num_classes(DataParams(source="synapse", subset=8))[0] == 9
+    assert dataset_num_classes(DataParams(source="nnunet"))[0] == 8
