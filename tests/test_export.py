@@ -23,6 +23,9 @@ def test_export_writes_verified_onnx_and_sidecar(export_dir, train_dir):  # noqa
     for kind in ("random", "real"):  # real = slabs of the preprocessed phantom cases
         assert side["parity"][kind]["max_abs_diff"] <= 1e-3
         assert side["parity"][kind]["label_agreement"] >= 0.999
+    # a whole preprocessed case through the predictor (sliding window, blending, argmax)
+    volume = side["parity"]["volume"]
+    assert volume["ok"] and volume["label_agreement"] >= 0.999 and volume["windows"] >= 1
     assert side["parity"]["random"]["batch_sizes"] == [1, 3]
     # dynamic batch axis: a batch of 5 runs and matches per-item results
     sess = ort.InferenceSession(str(export_dir / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -36,8 +39,8 @@ def test_export_writes_verified_onnx_and_sidecar(export_dir, train_dir):  # noqa
 def test_parity_failure_writes_nothing(train_dir, preprocessed, tmp_path, monkeypatch):  # noqa: F811
     real_compare = export_mod.compare
 
-    def skewed(session, torch_fn, slabs):  # PyTorch reference shifted: ORT now "disagrees"
-        return real_compare(session, lambda x: torch_fn(x) + 0.01, slabs)
+    def skewed(onnx_runner, torch_runner, slabs):  # PyTorch reference shifted: ORT now "disagrees"
+        return real_compare(onnx_runner, lambda x: torch_runner(x) + 0.01, slabs)
 
     monkeypatch.setattr(export_mod, "compare", skewed)
     with pytest.raises(UserError, match="differs from PyTorch"):
