@@ -15,7 +15,7 @@ version becomes ``challenger``.
 from __future__ import annotations
 
 import argparse
-import hashlib
+import contextlib
 import logging
 import os
 import shutil
@@ -23,11 +23,12 @@ import tempfile
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
-from masksam.components._io import params_or_default, pick_option, read_json, section
+from masksam.components._io import read_json
+from masksam.components.params import add_params_arguments, params_from_args, pick
 from masksam.components.data.manifest import test_set_digest
 from masksam.components._loading import (EXPORT_MANIFEST, MLFLOW_DOWNLOAD_FILES, MODEL_MANIFEST, ONNX_NAME,
                                          sha256_file, sidecar_path, verify_export, verify_training_dir,
@@ -36,12 +37,12 @@ from masksam.errors import UserError
 
 log = logging.getLogger(__name__)
 
-# the subpackages the pyfunc imports at serving time (pipelines/ is not needed there)
-SHIPPED_SUBPACKAGES = ("model", "components")
-# what the pyfunc imports at serving time (masksam.model.inference pulls torch; masksam.model's
-# package __init__ pulls segment-anything/torchvision)
-SERVING_PACKAGES = ("onnxruntime", "SimpleITK", "numpy", "scipy", "torch", "torchvision",
-                    "segment-anything", "pyyaml", "tqdm", "mlflow")
+# the subpackages the pyfunc imports at serving time: components/ only. The network (model/,
+# PyTorch + segment-anything) is not needed to run the ONNX graph, and pipelines/ is not either.
+SHIPPED_SUBPACKAGES = ("components",)
+# what the pyfunc imports at serving time: the ONNX path is torch-free (Predictor.from_onnx, the
+# numpy sliding window), so torch, torchvision and segment-anything are left out
+SERVING_PACKAGES = ("onnxruntime", "SimpleITK", "numpy", "scipy", "pyyaml", "tqdm", "mlflow")
 
 
 @dataclass
@@ -146,6 +147,13 @@ def test_set_id(evaluation: dict[str, Any]) -> str:
     return test_set_digest(refs)
 
 
+def mean_dice(evaluation: dict[str, Any], path: Path) -> float:
+    try:
+        return float(evaluation["foreground_mean"]["Dice"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"{path}: no foreground_mean.Dice; it is not a masksam evaluate summary") from exc
+
+
 def decide_alias(client, name: str, new_version: str, new_dice: float, new_test_set: str,
                  alias: str = "champion", min_dice: float = 0.0) -> Decision:
     """Move ``alias`` to the new version only if its mean Dice reaches ``min_dice`` and beats the
@@ -215,7 +223,7 @@ def register(train_dir: str | os.PathLike, export_dir: str | os.PathLike, eval_f
 
     uri = _tracking.check_tracking(_tracking.tracking_uri(tracking_uri))
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(experiment)
+    mlflow.set_experiment(experiment_id=_tracking.ensure_experiment(MlflowClient(), experiment))
     lineage = _tracking.lineage_tags(meta["plan"])
     version_tags = {
         **{k: v for k, v in lineage.items() if k == "git_commit" or k.startswith(("dvc.", "data."))},
@@ -238,7 +246,7 @@ def register(train_dir: str | os.PathLike, export_dir: str | os.PathLike, eval_f
     example = example_volume(meta["plan"])
     with tempfile.TemporaryDirectory(prefix="masksam-code-") as code_dir:
         code = stage_code(Path(code_dir))
-        with mlflow.start_run(run_name="register", tags={**lineage, "step": "register"}) as run:
+        with _model_run(train_summary.get("mlflow_run_id"), lineage) as run:
             mlflow.log_metrics({"test_mean_dice": dice})
             info = mlflow.pyfunc.log_model(
                 name="model",
@@ -251,10 +259,95 @@ def register(train_dir: str | os.PathLike, export_dir: str | os.PathLike, eval_f
     version_tags.update(manifest_sha256=manifest_sha, register_run_id=run.info.run_id)
     registered = mlflow.register_model(info.model_uri, model_name, tags=version_tags)
     new_version = str(registered.version)
+    describe(MlflowClient(), model_name, new_version, model_card(meta["plan"], evaluation, version_tags, run.info.run_id))
     decision = decide_alias(MlflowClient(), model_name, new_version, dice, test_set, alias, min_dice)
     log.info("registered %s version %s (run %s; manifest of %d files, sha256 %s)", model_name,
              new_version, run.info.run_id, n_files, manifest_sha)
     return decision
+
+
+@contextlib.contextmanager
+def _model_run(train_run_id: str | None, lineage: dict[str, str]) -> Iterator[Any]:
+    """The run the model is logged from: the training run that made it, reopened, so the UI shows
+    the model (and its registered versions) on that run; a separate ``register`` run only when
+    the training run is not in this tracking store (trained with --no-mlflow, or elsewhere)."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from masksam.components._tracking import run_context_tags
+
+    if train_run_id and train_run_id != "None":
+        try:
+            MlflowClient().get_run(train_run_id)
+        except MlflowException:
+            log.warning("training run %s is not in %s; logging the model from a register run instead",
+                        train_run_id, mlflow.get_tracking_uri())
+        else:
+            with mlflow.start_run(run_id=train_run_id) as run:
+                yield run
+            return
+    tags = run_context_tags("masksam register", {**lineage, "step": "register"})
+    with mlflow.start_run(run_name="register", tags=tags) as run:
+        yield run
+
+
+def model_card(plan: dict[str, Any], evaluation: dict[str, Any], tags: dict[str, str], run_id: str) -> str:
+    """The version's description (Markdown, MLflow renders it): data, test metrics, lineage,
+    intended use and limits, so a reader of the registry knows what the version is for."""
+    labels = {int(v): k for k, v in (plan.get("labels") or {}).items() if int(v) != 0}
+    names = evaluation.get("labels") or {}
+    rows = ["| structure | Dice | HD95 (mm) | NSD |", "|---|---|---|---|"]
+    for key, values in sorted((evaluation.get("mean") or {}).items(), key=lambda kv: int(kv[0])):
+        rows.append(f"| {names.get(key, labels.get(int(key), key))} | " + " | ".join(
+            _fmt(values.get(m)) for m in ("Dice", "HD95", "NSD")) + " |")
+    fm = evaluation.get("foreground_mean") or {}
+    channels = ", ".join(str(v) for v in (plan.get("channel_names") or {}).values()) or "unknown"
+    spacing = plan.get("target_spacing_xyz")
+    return "\n".join([
+        "## MaskSAM segmentation model",
+        "",
+        f"Segments {', '.join(labels.values()) or 'the labels of its dataset'} in {channels} scans.",
+        "",
+        "**Data.** Trained on the dataset with content hash "
+        f"`{tags.get('data.dataset_sha256', 'unknown')[:16]}`; preprocessing resamples to "
+        f"{spacing} mm (x, y, z).",
+        "",
+        f"**Test metrics** ({evaluation.get('n_cases', '?')} held-out cases, test set "
+        f"`{tags.get('test_set_id', '')[:16]}`): mean Dice {_fmt(fm.get('Dice'))}, HD95 "
+        f"{_fmt(fm.get('HD95'))} mm, NSD {_fmt(fm.get('NSD'))}.",
+        "",
+        *rows,
+        "",
+        f"**Lineage.** Training run `{tags.get('train_run_id')}`, logged from run `{run_id}`, git "
+        f"`{tags.get('git_commit', 'unknown')[:12]}`, ONNX sha256 `{tags.get('onnx_sha256', '')[:16]}`.",
+        "",
+        "**Intended use.** Research: volumetric organ segmentation of scans like the training data. "
+        "Not a medical device; not for diagnosis or treatment decisions.",
+        "",
+        "**Limits.** Send the scan's spacing, origin and direction with every request (the model "
+        "refuses a call without them). Scans of another modality, field of view or anatomy than the "
+        "training data, and structures absent from its labels, give unreliable results; check the "
+        "per-structure volumes and confidences in the prediction summary.",
+    ])
+
+
+def _fmt(value: Any) -> str:
+    try:
+        return f"{float(value):.3f}"
+    except (TypeError, ValueError):
+        return "n/a"
+
+
+def describe(client, name: str, version: str, card: str) -> None:
+    """Set the version's model card and, when the registered model has none, its description."""
+    client.update_model_version(name, version, description=card)
+    model = client.get_registered_model(name)
+    if not model.description:
+        client.update_registered_model(name, description=(
+            "MaskSAM: prompt-free SAM for 3D medical image segmentation, exported to ONNX and served as an "
+            "MLflow pyfunc (raw intensities + scan geometry in, label map out). Each version's description "
+            "is its model card; `champion` is the best version on the shared test set above the Dice floor."))
 
 
 def record_manifest(model_id: str, model_uri: str) -> tuple[str, int]:
@@ -284,20 +377,30 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--train", required=True, help="checkpoint directory of the training run")
     p.add_argument("--export", required=True, help="directory written by masksam export")
     p.add_argument("--eval", required=True, help="evaluation summary JSON written by masksam evaluate")
+    p.add_argument("--result", help="also write the decision (version, alias it got, models:/NAME/VERSION, "
+                   "reason) to this JSON file, for the pipeline's next step")
     p.add_argument("--model-name", help="registered model name (default: params register.model_name)")
     p.add_argument("--alias", help="alias of the best version (default: params register.alias, champion)")
     p.add_argument("--experiment", help="MLflow experiment (default: params train.experiment)")
-    p.add_argument("--params", help="parameters file for the defaults above (default: params.yaml "
-                   "when present)")
+    p.add_argument("--min-dice", type=float, metavar="D", help="Dice floor: a version whose mean Dice "
+                   "is below it never gets --alias (default: params register.min_dice, 0.5)")
+    add_params_arguments(p, "parameters file for the defaults above (default: params.yaml when present, "
+                         "else the built-in defaults)")
     p.set_defaults(func=_main)
 
 
 def _main(args: argparse.Namespace) -> int:
-    params = params_or_default(args.params)
-    reg = section(params, "register")
-    decision = register(args.train, args.export, args.eval,
-                        model_name=pick_option(args.model_name, reg, "model_name", "masksam"),
-                        alias=pick_option(args.alias, reg, "alias", "champion"),
-                        experiment=pick_option(args.experiment, section(params, "train"), "experiment", "masksam"))
+    params = params_from_args(args)
+    reg = params.register
+    decision = register(args.train, args.export, args.eval, model_name=pick(args.model_name, reg.model_name),
+                        alias=pick(args.alias, reg.alias), experiment=pick(args.experiment, params.train.experiment),
+                        min_dice=pick(args.min_dice, reg.min_dice))
     print(f"masksam register: version {decision.version} -> @{decision.alias} ({decision.reason})")
+    if args.result:
+        from masksam.components._io import write_json
+
+        name = pick(args.model_name, reg.model_name)
+        write_json(args.result, {"model_name": name, "version": decision.version, "alias": decision.alias,
+                                 "model_uri": f"models:/{name}/{decision.version}", "reason": decision.reason,
+                                 "previous_champion": decision.previous_champion})
     return 0

@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from masksam.components.params import Params, apply_overrides, load_params, params_from_dict
+from masksam.components.params import Params, apply_overrides, params_from_dict
 from masksam.errors import UserError
 from masksam.pipelines import reports
 
@@ -397,9 +397,13 @@ def register(model_dir: str, onnx_dir: str, eval_dir: str, params_json: str, ove
     """Register the trained model (with its export and evaluation) in MLflow under name and alias."""
     with tempfile.TemporaryDirectory() as tmp:
         params = write_params(params_json, overrides, tmp)
+        result = Path(tmp) / "register.json"
         text = run_verb(["register", "--params", params, "--train", model_dir, "--export", onnx_dir,
-                         "--eval", Path(eval_dir) / "summary.json"])
-        reg = load_params(params).register
-    name, alias = reg.model_name, reg.alias
-    Path(report_path).write_text(f"# Model registry\n\n`models:/{name}@{alias}`\n\n```\n{text.strip()}\n```\n")
-    return {"model_uri": f"models:/{name}@{alias}"}
+                         "--eval", Path(eval_dir) / "summary.json", "--result", str(result)])
+        decision = json.loads(result.read_text())
+    # the version this run registered and the alias it really got (challenger below the Dice
+    # floor or behind the champion), not the alias the params asked for
+    uri, alias = decision["model_uri"], decision["alias"]
+    Path(report_path).write_text(f"# Model registry\n\n`{uri}` -> `@{alias}` ({decision['reason']})\n\n"
+                                 f"```\n{text.strip()}\n```\n")
+    return {"model_uri": uri, "alias": alias}

@@ -64,6 +64,8 @@ def test_help_example_runs_and_a_second_run_reuses_the_cache(tmp_path, monkeypat
     assert version.run_id in {r.info.run_id for r in runs}
     # 4 steps score below register.min_dice: registered, but as challenger, never champion
     assert client.get_model_version_by_alias("masksam", "challenger").version == version.version
+    # and the step reports the version it registered and the alias it really got
+    assert f"`models:/masksam/{version.version}` -> `@challenger`" in reports["register"].read_text()
 
     caplog.clear()
     caplog.set_level(logging.INFO)

@@ -58,7 +58,8 @@ def registry(tmp_path_factory, train_dir, export_dir):  # noqa: F811
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.chdir(root)  # the SQLite store keeps its artifacts under ./mlruns
         mlflow.set_tracking_uri(uri)
-        ev = {"foreground_mean": {"Dice": 0.5}, "n_cases": 1, "metric_per_case": [{"case": "x"}]}
+        ev = {"foreground_mean": {"Dice": 0.5}, "n_cases": 1, "metric_per_case": [{"case": "x"}],
+              "test_set_id": "0" * 64}
         (root / "eval.json").write_text(json.dumps(ev))
         register(train_dir, export_dir, root / "eval.json")
         yield uri
@@ -95,6 +96,54 @@ def _refused(exc_info, *words: str) -> str:
 
 
 # ---------------------------------------------------------------------------------- Python calls
+
+def test_registered_model_serves_without_torch(registry, tmp_path):
+    """``mlflow.pyfunc.load_model`` of the registered model (its shipped code, its pip
+    requirements) predicts in a process where torch cannot be imported, and none of torch,
+    torchvision or segment-anything is loaded; the requirements leave them out."""
+    import mlflow
+
+    code = (
+        "import importlib.abc, json, sys\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'torchvision', 'segment_anything'):\n"
+        "            raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import mlflow, numpy as np\n"
+        "m = mlflow.pyfunc.load_model('models:/masksam@champion')\n"
+        "x = np.full((10, 24, 28), -1000.0, np.float32); x[2:8, 6:18, 6:22] = 40.0\n"
+        "y = m.predict(x, params={'spacing': [1.5, 1.7, 3.0], 'origin': [0.0, 0.0, 0.0],\n"
+        "              'direction': [1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0]})\n"
+        "print(json.dumps({'shape': list(y.shape), 'loaded': sorted(k for k in sys.modules\n"
+        "      if k.split('.')[0] in ('torch', 'torchvision', 'segment_anything'))}))\n")
+    root = Path(registry.removeprefix("sqlite:///")).parent
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registry}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"shape": [10, 24, 28], "loaded": []}
+    mlflow.set_tracking_uri(registry)
+    reqs = Path(mlflow.artifacts.download_artifacts("models:/masksam@champion/requirements.txt",
+                                                    dst_path=str(tmp_path))).read_text()
+    for name in ("torch", "torchvision", "segment-anything"):
+        assert not any(line.split("==")[0].strip() == name for line in reqs.splitlines()), reqs
+    assert "onnxruntime" in reqs
+
+
+def test_predictor_from_the_registry_matches_the_export(registry, export_dir, tmp_path, monkeypatch):  # noqa: F811
+    from masksam.components.predictor import Predictor
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry)
+    sitk.WriteImage(_flipped_scan(3), str(tmp_path / "scan.nii.gz"))
+    pulled = Predictor.load("models:/masksam@champion", device="cpu")
+    assert pulled.source == "models:/masksam@champion" and pulled.backend == "onnxruntime"
+    local = Predictor.from_onnx(export_dir / "model.onnx", device="cpu")
+    a = sitk.GetArrayFromImage(pulled.predict_files(tmp_path / "scan.nii.gz").labels)
+    b = sitk.GetArrayFromImage(local.predict_files(tmp_path / "scan.nii.gz").labels)
+    np.testing.assert_array_equal(a, b)
+
 
 def test_readme_call_on_flipped_scan_matches_masksam_predict(tmp_path, model, export_dir):  # noqa: F811
     from masksam.components.predict import predict

@@ -113,7 +113,8 @@ def test_stage_code_is_importable_package(tmp_path):
     from masksam.components.register import stage_code
 
     pkg = stage_code(tmp_path)
-    for rel in ("__init__.py", "errors.py", "model/inference.py", "components/preprocess.py",
+    assert not (pkg / "model").exists()  # serving runs the ONNX graph: no torch network shipped
+    for rel in ("__init__.py", "errors.py", "components/predictor.py", "components/preprocess.py",
                 "components/_pyfunc.py"):
         assert (pkg / rel).is_file(), rel
     assert not list(pkg.rglob("__pycache__"))
@@ -128,14 +129,24 @@ def test_register_load_predict_pull_and_tamper(tracking, tmp_path, train_dir, ex
     from masksam.components.pull import pull
     from masksam.components.register import register
 
-    ev = {"foreground_mean": {"Dice": 0.5, "HD95": 4.0, "NSD": 0.6}, "n_cases": 1,
+    ev = {"foreground_mean": {"Dice": 0.5, "HD95": 4.0, "NSD": 0.6}, "n_cases": 1, "test_set_id": "set-1",
           "metric_per_case": [{"case": "case_000"}], "reference_folder": str(tmp_path)}
     (tmp_path / "eval.json").write_text(json.dumps(ev))
     d = register(train_dir, export_dir, tmp_path / "eval.json")
     assert d.alias == "champion"
-    tags = MlflowClient().get_model_version("masksam", d.version).tags
+    client = MlflowClient()
+    version = client.get_model_version("masksam", d.version)
+    tags = version.tags
     for key in ("git_commit", "train_run_id", "onnx_sha256", "test_set_id", "eval.mean_dice", "eval.hd95"):
         assert key in tags, key
+    # the registry reads well: a model card per version, a description of the model
+    assert "Intended use" in version.description and "mean Dice 0.500" in version.description
+    assert client.get_registered_model("masksam").description
+    # no training run in this store (the fixture trained without MLflow): a register run, with
+    # MLflow's standard source/user tags, in an experiment that opens on its runs
+    run = client.get_run(version.run_id)
+    assert run.data.tags["mlflow.source.name"] == "masksam register" and run.data.tags["mlflow.user"]
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
 
     model = mlflow.pyfunc.load_model("models:/masksam@champion")
     img, _ = phantom_ct(9)
@@ -167,3 +178,40 @@ def test_register_load_predict_pull_and_tamper(tracking, tmp_path, train_dir, ex
     with pytest.raises(UserError, match="not empty"):
         download_model  # noqa: B018 - imported for the tamper path above
         pull("models:/masksam@champion", tmp_path / "pulled")
+
+
+def test_model_is_logged_from_its_training_run(tracking, tmp_path, train_dir, export_dir):  # noqa: F811
+    """Lineage in one place: the training run shows the logged model, the registered version
+    points at that run, and the run has the raw dataset as its input."""
+    from mlflow import MlflowClient
+
+    from masksam.components._tracking import RunLogger
+    from masksam.components.data.manifest import write_manifest
+    from masksam.components.register import register
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "dataset.json").write_text(json.dumps({"name": "Phantom", "labels": {"background": 0, "a": 1}}))
+    manifest = write_manifest(raw, progress=False)
+    logger = RunLogger(tracking, "masksam")
+    run_id = logger.start("train-fold0", {"step": "train"})
+    logger.log_dataset(raw)
+    logger.end()
+    trained = tmp_path / "train"
+    shutil.copytree(train_dir, trained)
+    summary = json.loads((trained / "train_summary.json").read_text())
+    (trained / "train_summary.json").write_text(json.dumps({**summary, "mlflow_run_id": run_id}))
+    ev = {"foreground_mean": {"Dice": 0.5, "HD95": 4.0, "NSD": 0.6}, "n_cases": 1, "test_set_id": "set-1",
+          "metric_per_case": [{"case": "case_000"}]}
+    (tmp_path / "eval.json").write_text(json.dumps(ev))
+    d = register(trained, export_dir, tmp_path / "eval.json", min_dice=0.0)
+    client = MlflowClient()
+    version = client.get_model_version("masksam", d.version)
+    assert version.run_id == run_id
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    (logged,) = [m.model_id for m in run.outputs.model_outputs]  # "Logged models" of the run
+    assert logged in version.source
+    assert run.data.tags["mlflow.source.name"] == "masksam train"
+    (dataset,) = [i.dataset for i in run.inputs.dataset_inputs]
+    assert (dataset.name, dataset.digest) == ("Phantom", manifest["dataset_sha256"][:36])

@@ -22,8 +22,9 @@ import pytest
 import SimpleITK as sitk
 
 from _delivery_fixtures import delivery_root, export_dir, phantom_ct, preprocessed, train_dir  # noqa: F401
-from masksam.components._loading import (EXPORT_MANIFEST, MODEL_MANIFEST, HashMismatch, load_model, load_onnx,
+from masksam.components._loading import (EXPORT_MANIFEST, MODEL_MANIFEST, HashMismatch,
                                          sha256_file, sidecar_path, write_manifest)
+from masksam.components.predictor import Predictor
 from masksam.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,7 +49,8 @@ def registered(tmp_path_factory, train_dir, export_dir):  # noqa: F811
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mlflow.set_tracking_uri(uri)
         mlflow.create_experiment("masksam", artifact_location=(root / "store").as_uri())
-        ev = {"foreground_mean": {"Dice": 0.5}, "n_cases": 1, "metric_per_case": [{"case": "case_000"}]}
+        ev = {"foreground_mean": {"Dice": 0.5}, "n_cases": 1, "metric_per_case": [{"case": "case_000"}],
+              "test_set_id": "0" * 64}
         (root / "eval.json").write_text(json.dumps(ev))
         decision = register(train_dir, export_dir, root / "eval.json")
         client = MlflowClient()
@@ -121,7 +123,7 @@ def test_register_records_every_file_in_the_registry(registered, tmp_path, capsy
     on_disk = {p.relative_to(stored).as_posix() for p in stored.rglob("*") if p.is_file()} - {MODEL_MANIFEST}
     assert set(files) == on_disk  # every file: ONNX, sidecar, code, MLmodel, environment files
     for rel in ("MLmodel", "artifacts/model.onnx", "artifacts/model.onnx.json", f"artifacts/{EXPORT_MANIFEST}",
-                "code/masksam/components/_pyfunc.py", "code/masksam/model/inference.py"):
+                "code/masksam/components/_pyfunc.py", "code/masksam/components/predictor.py"):
         assert rel in files, rel
     assert files["artifacts/model.onnx.json"] == tags["sidecar_sha256"]
 
@@ -130,7 +132,7 @@ def test_register_records_every_file_in_the_registry(registered, tmp_path, capsy
     assert onnx_path == tmp_path / "pulled" / "artifacts" / "model.onnx"
     assert [p.name for p in tmp_path.iterdir()] == ["pulled"]  # no temporary folder left
     # the pulled folder loads (its manifests are checked again)
-    assert load_model(onnx_path, device="cpu").verified["artifacts/model.onnx"] == tags["onnx_sha256"]
+    assert Predictor.load(onnx_path, device="cpu").verified["artifacts/model.onnx"] == tags["onnx_sha256"]
     assert _main(argparse.Namespace(uri=URI, dir=str(tmp_path / "cli"))) == 0
     printed = capsys.readouterr().out
     assert f"verified {MODEL_MANIFEST} sha256 {tags['manifest_sha256']}" in printed
@@ -162,7 +164,7 @@ def test_added_file_or_swapped_labels_in_store_refused(registered, tamper, tmp_p
     with pytest.raises(HashMismatch):
         pull(URI, tmp_path / "b")
     with pytest.raises(HashMismatch):
-        load_model(URI, device="cpu")
+        Predictor.load(URI, device="cpu")
     # the attacker rewrites the manifest too: its sha256 in the registry no longer matches
     stored = registered["stored"]
     tamper(MODEL_MANIFEST, lambda b: b)
@@ -179,7 +181,7 @@ def test_pulled_folder_changed_locally_refused(registered, tmp_path):
     side = sidecar_path(onnx_path)
     side.write_bytes(_swap_labels(side.read_bytes()))
     with pytest.raises(HashMismatch, match="model.onnx.json"):
-        load_model(onnx_path, device="cpu")
+        Predictor.load(onnx_path, device="cpu")
 
 
 def test_dead_tracking_server_fails_fast_and_leaves_nothing(tmp_path):
@@ -210,11 +212,11 @@ def test_local_export_sidecar_and_manifest_checked(export_dir, tmp_path):  # noq
     original = side.read_bytes()
     side.write_bytes(_swap_labels(original))
     with pytest.raises(HashMismatch, match=EXPORT_MANIFEST):
-        load_model(copy / "model.onnx", device="cpu")
+        Predictor.load(copy / "model.onnx", device="cpu")
     side.write_bytes(original)
     (copy / EXPORT_MANIFEST).unlink()
     with pytest.raises(UserError, match="manifest not found"):
-        load_model(copy, device="cpu")
+        Predictor.load(copy, device="cpu")
 
 
 @pytest.mark.parametrize("entry", ["../../../../etc/hostname", "/etc/hostname", "../secret.bin", "link.bin"])
@@ -232,7 +234,7 @@ def test_sidecar_paths_confined_to_their_folder(export_dir, tmp_path, entry):  #
     manifest["files"].update({"model.onnx.json": sha256_file(copy / "model.onnx.json"), entry: sha256_file(secret)})
     (copy / EXPORT_MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(UserError, match="outside|plain relative path"):
-        load_model(copy / "model.onnx", device="cpu")
+        Predictor.load(copy / "model.onnx", device="cpu")
 
 
 def test_external_data_model_loads_then_its_folder_can_go(export_dir, tmp_path):  # noqa: F811
@@ -248,12 +250,12 @@ def test_external_data_model_loads_then_its_folder_can_go(export_dir, tmp_path):
     side["files"] = {n: sha256_file(copy / n) for n in ("model.onnx", "model.onnx.data")}
     (copy / "model.onnx.json").write_text(json.dumps(side))
     write_manifest(copy)
-    loaded = load_onnx(copy / "model.onnx", device="cpu")
+    loaded = Predictor.from_onnx(copy / "model.onnx", device="cpu")
     assert "model.onnx.data" in loaded.verified
     x = np.random.default_rng(0).standard_normal((1, 1, 4, 32, 32)).astype(np.float32)
-    before = loaded.predict_slab(x)
+    before = loaded.members[0].runner(x)
     shutil.rmtree(copy)
-    np.testing.assert_array_equal(loaded.predict_slab(x), before)
+    np.testing.assert_array_equal(loaded.members[0].runner(x), before)
 
 
 @pytest.mark.parametrize("change", ["plan", "config", "summary_deleted", "summary_incomplete", "hash_outside"])
@@ -319,8 +321,9 @@ def test_stage_code_from_installed_wheel(tmp_path):
     out = run(target, "import masksam; from pathlib import Path; from masksam.components.register import stage_code; "
               f"print(masksam.__file__); stage_code(Path({str(staged)!r}))")
     assert out.startswith(str(target)), out  # the installed copy ran, not the checkout
-    assert (staged / "masksam" / "model" / "inference.py").is_file()
+    assert (staged / "masksam" / "components" / "predictor.py").is_file()
     assert not (staged / "masksam" / "pipelines").exists()
+    assert not (staged / "masksam" / "model").exists()  # the torch network is not needed to serve
     out = run(staged, "import masksam.components._pyfunc as p, masksam.components.predict as q, "
               "masksam.components.preprocess as r, masksam.errors as e; "
               "print(p.__file__, q.__file__, r.__file__, e.__file__)")
