@@ -103,8 +103,8 @@ def score(train_dir: str, preprocessed: str, device: str) -> dict:
     import torch
 
     from masksam.components._loading import build_model_from_dir
-    from masksam.components.train import _SlabPredictor, dice_per_class, read_cases
-    from masksam.model.inference import sliding_window_inference
+    from masksam.components.predictor import Predictor
+    from masksam.components.train import dice_per_class, read_cases
 
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
@@ -125,13 +125,11 @@ def score(train_dir: str, preprocessed: str, device: str) -> dict:
     for key, fn in (("", None), ("_aux", aux_probs)):
         if fn is not None:
             model.class_probs = fn  # instance attribute shadows the method
-        predict = _SlabPredictor(model, dev, torch.float32)
+        predictor = Predictor.from_module(model, plan, device=dev)
         dices = []
         for case in cases:
-            _, pred = sliding_window_inference(predict, case.image, slab_depth=int(config["slab_depth"]),
-                                               img_size=int(config["img_size"]), num_classes=k, overlap=0.5,
-                                               device=dev, return_probs=False)
-            dices.append(dice_per_class(np.asarray(pred), case.label, k))
+            _, pred = predictor.predict_preprocessed(case.image, overlap=0.5, return_probs=False)
+            dices.append(dice_per_class(pred, case.label, k))
         per_class = np.nanmean(np.array(dices), axis=0)
         names = {v: n for n, v in plan["labels"].items()}
         result[f"test_dice{key}"] = round(float(np.nanmean(per_class)), 4)

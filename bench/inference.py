@@ -1,5 +1,9 @@
 """Inference benchmark: PyTorch eager vs ONNX Runtime on CPU, time per volume and peak memory.
 
+Both go through the one predictor (``masksam.components.predictor``): its ``TorchRunner`` or
+``OrtRunner`` under ``Predictor.predict_preprocessed`` (the preprocessed grid; the end-to-end
+path from a CT file, with preprocessing and restoring, is ``bench/onnx_memory.py``).
+
 Each (model, backend) runs in its own subprocess so peak RSS (``ru_maxrss``) is that backend's
 alone. The demo model (params.yaml's ``model`` section, random weights: speed does not depend on
 training) segments a phantom CT of real size (default 512x512x200 at 0.78x0.78x2.5 mm, i.e. the
@@ -54,38 +58,38 @@ def prepare(workdir: Path, variant: str, cfg_over: dict, exporter: str) -> Path:
 
 
 def child(args: argparse.Namespace) -> None:
-    """One backend in this process: warm up, time ``repeats`` runs, report peak RSS."""
+    """One backend in this process: warm up, time ``repeats`` runs, report peak RSS. Volumes go
+    through the one predictor (``Predictor.predict_preprocessed``), slabs through its runners."""
     import onnxruntime as ort
-    import torch
 
-    from masksam.components._loading import OrtSlabPredictor, ort_session_options
-    from masksam.model import MaskSAMConfig, build_masksam
-    from masksam.model.inference import sliding_window_inference
-    from safetensors.torch import load_file
+    from masksam.components._loading import ort_session_options
+    from masksam.components.predictor import Member, OrtRunner, Predictor, TorchRunner
 
     d = Path(args.model_dir)
     cfg_d = json.loads((d / "model_config.json").read_text())
-    cfg = MaskSAMConfig.from_dict(cfg_d)
     if args.backend == "torch":
-        model = build_masksam(cfg).eval()
+        import torch
+        from safetensors.torch import load_file
+
+        from masksam.model import MaskSAMConfig, build_masksam
+
+        torch.set_num_threads(args.threads or torch.get_num_threads())
+        model = build_masksam(MaskSAMConfig.from_dict(cfg_d)).eval()
         model.load_state_dict(load_file(str(d / "model.safetensors")))
-        predict = model.class_probs
+        runner = TorchRunner(model, "cpu")
     else:
         sess = ort.InferenceSession(str(d / "model.onnx"), sess_options=ort_session_options(args.threads),
                                     providers=["CPUExecutionProvider"])
-        predict = OrtSlabPredictor(sess)
+        runner = OrtRunner(sess)
+    predictor = Predictor([Member(runner, {}, cfg_d, args.backend, str(d))])
     rng = np.random.default_rng(0)
     if args.shape:
-        volume = rng.standard_normal((cfg.in_channels, *args.shape)).astype(np.float32)
-        run = lambda: sliding_window_inference(  # noqa: E731
-            predict, volume, slab_depth=cfg.slab_depth, img_size=cfg.img_size, num_classes=cfg.num_classes,
-            overlap=args.overlap, return_probs=True)
+        volume = rng.standard_normal((cfg_d["in_channels"], *args.shape)).astype(np.float32)
+        run = lambda: predictor.predict_preprocessed(volume, overlap=args.overlap)  # noqa: E731
     else:
-        slab = torch.from_numpy(rng.standard_normal(
-            (1, cfg.in_channels, cfg.slab_depth, cfg.img_size, cfg.img_size)).astype(np.float32))
-        def run():
-            with torch.inference_mode():
-                return predict(slab)
+        slab = rng.standard_normal((1, cfg_d["in_channels"], cfg_d["slab_depth"], cfg_d["img_size"],
+                                    cfg_d["img_size"])).astype(np.float32)
+        run = lambda: runner(slab)  # noqa: E731
     run()  # warm-up (graph optimisation, allocator)
     times = []
     for _ in range(args.repeats):
