@@ -95,7 +95,9 @@ def verb_module(cmd: str) -> str:
 
 
 def _stages() -> dict[str, dict]:
-    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    """dvc.yaml's stages, a ``foreach`` stage by its ``do`` template."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    return {name: spec.get("do", spec) for name, spec in stages.items()}
 
 
 def _covered(path: Path, deps: list[str]) -> bool:
@@ -122,3 +124,23 @@ def test_closure_follows_lazy_and_relative_imports() -> None:
     assert "components/_io.py" in evaluate
     served = {p.relative_to(ROOT).as_posix() for p in import_closure(SERVED_MODULE)}
     assert "components/predict.py" in served
+
+
+@pytest.mark.parametrize("baselines, expected", [([], set()), (["nnunet"], {"baseline@nnunet", "compare@nnunet"})])
+def test_compare_baselines_switch_the_comparison_stages(tmp_path: Path, baselines, expected) -> None:
+    """compare.baselines drives the baseline and compare stages: none in the demo, one pair per
+    reference method otherwise (DVC cannot switch a stage on a boolean; an empty foreach can)."""
+    import subprocess
+    import sys
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["compare"]["baselines"] = baselines
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
+    dvc = str(Path(sys.executable).parent / "dvc")
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([dvc, "init", "-q"], cwd=tmp_path, check=True)
+    out = subprocess.run([dvc, "stage", "list", "--name-only"], cwd=tmp_path, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert {s for s in out if s.startswith(("baseline", "compare"))} == expected
+    assert {"data", "train", "export", "evaluate", "register"} <= set(out)

@@ -210,16 +210,15 @@ def test_tracking_timeout_is_configurable_and_checked(tmp_path, monkeypatch):
     CLI; non-positive values are refused."""
     import masksam.components.train as train_mod
     from masksam.cli import main
-    from masksam.components.train import TrainConfig
+    from masksam.components.params import TrainParams, load_params
 
     repo = Path(__file__).resolve().parents[1]
     for name in ("params.yaml", "configs/paper_vit_b.yaml"):
-        section = yaml.safe_load((repo / name).read_text())["train"]
-        assert TrainConfig.from_params(section, name).tracking_timeout_s == 120
-    assert TrainConfig().tracking_timeout_s == 120
+        assert load_params(repo / name).train.tracking_timeout_s == 120
+    assert TrainParams().tracking_timeout_s == 120
     for bad in (0, -1, "soon"):
-        with pytest.raises(UserError, match="tracking_timeout_s must be a positive number"):
-            TrainConfig.from_params({"tracking_timeout_s": bad})
+        with pytest.raises(UserError, match="tracking_timeout_s must be a (positive )?number"):
+            load_params(None, {"train.tracking_timeout_s": bad})
     with pytest.raises(UserError, match="positive number of seconds"):
         RunLogger("sqlite:///x.db", timeout_s=0)
 
