@@ -529,20 +529,22 @@ def verify_model_folder(folder: str | os.PathLike, record: RegistryRecord) -> di
     return {MODEL_MANIFEST: want, **verified}
 
 
-def download_model(uri: str, dst: str | os.PathLike) -> tuple[Path, dict[str, str]]:
+def download_model(uri: str, dst: str | os.PathLike,
+                   record: RegistryRecord | None = None) -> tuple[Path, dict[str, str]]:
     """Download a registered model into ``dst`` (new or empty) only once all of it is verified.
 
     The files land in a temporary folder beside ``dst`` (same filesystem), are checked against
     the registry's record (:func:`verify_model_folder`) and only then renamed to ``dst``; a
     refused download leaves ``dst`` as it was and no temporary folder. Returns the ONNX path
-    and ``{relative path: sha256}`` of what was verified.
+    and ``{relative path: sha256}`` of what was verified. ``record``: the registry's answer for
+    ``uri`` when the caller has already resolved it (the version it names is what is fetched).
     """
     import mlflow
 
     dst = Path(dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise UserError(f"{dst}: exists and is not empty (or not a folder); pull into a new folder")
-    record = registry_record(uri)
+    record = record or registry_record(uri)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.pull-", dir=dst.parent))
     try:

@@ -539,36 +539,70 @@ def evaluate_model(
         write_plots(summary, staged / "plots")
         summary["split"] = split
         summary["model"] = str(refs[0]) if len(refs) == 1 else [str(r) for r in refs]
+        # what exactly was scored: register refuses to ship an ONNX file other than this one
+        summary["model_sha256"] = predictor.verified
+        run_id = training_run_of(refs[0]) if len(refs) == 1 else None
+        if run_id:
+            summary["train_run_id"] = run_id
         write_json(staged / "summary.json", _json_safe(summary))
         write_csv(summary, staged / "per_case.csv")
-        flat = {
-            "split": split,
-            "n_cases": summary["n_cases"],
-            "foreground_mean": _json_safe(summary["foreground_mean"]),
-            "per_class": {summary["labels"][k]: _json_safe(v) for k, v in summary["mean"].items()},
-        }
-        write_json(staged / "metrics.json", flat)
+        write_json(staged / "metrics.json", dvc_metrics(summary))
         with open(staged / "per_class.csv", "w", newline="") as fh:
             writer = csv.writer(fh)
             writer.writerow(["class", *BOX_METRICS])
-            for name, values in flat["per_class"].items():
-                writer.writerow([name, *[values.get(m) for m in BOX_METRICS]])
+            for key, values in summary["mean"].items():
+                writer.writerow([summary["labels"][key], *[_json_safe(values.get(m)) for m in BOX_METRICS]])
     files = [out / "summary.json", out / "per_case.csv", out / "metrics.json", out / "per_class.csv",
              *sorted((out / "plots").glob("*.png"))]
     if len(refs) == 1:
-        _log_into_training_run(refs[0], summary, files, mlflow_log)
+        _log_into_training_run(run_id, summary, files, mlflow_log)
     else:  # an ensemble has no one training run
         _maybe_log_mlflow(summary, files, mlflow_log)
     return summary
 
 
-def _log_into_training_run(model: str | os.PathLike, summary: Mapping[str, Any], files: Sequence[Path],
+DVC_METRICS = ("Dice", "HD95", "NSD")
+
+
+def dvc_metrics(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """metrics.json for ``dvc metrics show`` / ``dvc exp show``: per metric (Dice first, so it
+    leads the table), the foreground mean then each class; counts stay in per_case.csv."""
+    out: dict[str, Any] = {}
+    for m in DVC_METRICS:
+        per = {"mean": summary["foreground_mean"].get(m)}
+        per.update({str(summary["labels"][k]): v.get(m) for k, v in summary["mean"].items()})
+        out[m] = {k: (None if v is None else round(float(v), 4)) for k, v in _json_safe(per).items()}
+    return out
+
+
+def training_run_of(model: str | os.PathLike) -> str | None:
+    """The MLflow run id of the training that made ``model``: a training directory's summary, or
+    the sidecar of an exported ONNX model (``source.train_run_id``); None if unknown."""
+    from masksam.components._loading import ONNX_NAME, sidecar_path
+
+    path = Path(str(model))
+    candidates = [(path / "train_summary.json", ("mlflow_run_id",))]
+    onnx = path if path.suffix == ".onnx" else path / ONNX_NAME
+    candidates.append((sidecar_path(onnx), ("source", "train_run_id")))
+    for file, keys in candidates:
+        if file.is_file():
+            try:
+                value: Any = read_json(file)
+                for key in keys:
+                    value = value.get(key) if isinstance(value, dict) else None
+            except UserError:
+                value = None
+            if value:
+                return str(value)
+    return None
+
+
+def _log_into_training_run(run_id: str | None, summary: Mapping[str, Any], files: Sequence[Path],
                            mlflow_log: bool | None) -> None:
-    """Log test metrics into the MLflow run of the training that made ``model``, when known."""
-    train_summary = Path(model) / "train_summary.json"
-    run_id = None
-    if mlflow_log is not False and train_summary.is_file():
-        run_id = read_json(train_summary).get("mlflow_run_id")
+    """Log test metrics into the MLflow run of the training that made the model, when known
+    (so one run holds the whole story), else into the active run as ``mlflow_log`` says."""
+    if mlflow_log is False:
+        return
     if run_id is None:
         _maybe_log_mlflow(summary, files, mlflow_log)
         return

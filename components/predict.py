@@ -5,7 +5,10 @@ sliding-window inference over slabs -> restore_to_original (class probabilities 
 the original spacing, then argmax, as nnU-Net does), so the label map has the input's exact size,
 spacing, origin and direction. Several ``--model`` values form an ensemble (their class
 probabilities are averaged before the argmax, like nnU-Net's ``-f 0 1 2 3 4``). Beside each label
-map a JSON summary gives, per structure, its volume in mL and its mean confidence. A scan that
+map a JSON summary gives, per structure, its volume in mL and its mean confidence, and the model
+that ran (a registered model's version and sha256); a 3D Slicer ``CASE.seg.nrrd`` carries the
+structure names and colours, as do the folder's ``labels.ctbl`` (Slicer) and
+``labels.itksnap.txt`` (ITK-SNAP) for the plain label maps. A scan that
 cannot be read, or fails the input checks every reader shares (truncated, NaN/inf voxels, NIfTI
 pixdim 0, unusable spacing, not 3D), or whose case name several files claim, is reported by name
 and the others are still processed; the exit status is non-zero when any failed. Predict never
@@ -28,6 +31,8 @@ from typing import Any, Sequence
 from masksam.components._io import (IMAGE_SUFFIXES, ensure_writable_dir, image_suffix, read_image, write_image,
                                     write_json)
 from masksam.components._loading import DEVICES
+from masksam.components._viewer_files import (ITKSNAP_LABELS, SLICER_COLOUR_TABLE, write_label_tables,
+                                              write_seg_nrrd)
 from masksam.components.predictor import Predictor
 from masksam.errors import UserError
 
@@ -101,10 +106,10 @@ def find_scans(src: str | os.PathLike, n_channels: int) -> tuple[list[Scan], lis
     return scans, ignored
 
 
-def _targets(scan: Scan, out: Path, out_format: str | None) -> tuple[Path, Path]:
-    """The label map and the JSON summary predict writes for ``scan``."""
+def _targets(scan: Scan, out: Path, out_format: str | None) -> tuple[Path, Path, Path]:
+    """The label map, the JSON summary and the 3D Slicer segmentation predict writes for ``scan``."""
     suffix = FORMATS[out_format] if out_format else scan.suffix
-    return out / f"{scan.case}{suffix}", out / f"{scan.case}.json"
+    return out / f"{scan.case}{suffix}", out / f"{scan.case}.json", out / f"{scan.case}.seg.nrrd"
 
 
 def _refuse_overwriting_inputs(scans: list[Scan], ignored: list[Path], out: Path,
@@ -118,8 +123,9 @@ def _refuse_overwriting_inputs(scans: list[Scan], ignored: list[Path], out: Path
             st = path.stat()
             inputs[(st.st_dev, st.st_ino)] = path
     clashes = []
+    tables = [out / SLICER_COLOUR_TABLE, out / ITKSNAP_LABELS]
     for scan in scans:
-        for target in _targets(scan, out, out_format):
+        for target in [*_targets(scan, out, out_format), *tables]:
             with contextlib.suppress(OSError):
                 st = target.stat()
                 same = inputs.get((st.st_dev, st.st_ino))
@@ -142,19 +148,24 @@ def _prepare(scan: Scan, predictor: Predictor):
 
 
 def _segment(predictor: Predictor, scan: Scan, prepared, out: Path, out_format: str | None,
-             options: dict[str, Any], progress: bool) -> Outcome:
+             options: dict[str, Any], progress: bool, viewer_files: bool = True) -> Outcome:
     """Predict one preprocessed scan, write its label map and JSON summary."""
     started = time.time()
     first, image, properties = prepared
     big = image.shape[1] > 4 * int(predictor.config["slab_depth"])
     result = predictor.predict_case(image, properties, original=first, progress=progress and big, **options)
-    target = _targets(scan, out, out_format)[0]
+    target, _, seg = _targets(scan, out, out_format)
     write_image(result.labels, target)
+    if viewer_files:  # the same labels with names and colours, for 3D Slicer
+        write_seg_nrrd(result.labels, predictor.labels, seg)
     summary = {
         "case": scan.case,
         "inputs": [str(p) for p in scan.files],
         "output": str(target),
         "model": predictor.source,
+        # what exactly ran: the registered version an alias resolved to, and the files' sha256
+        **({"model_version": predictor.members[0].registry} if predictor.members[0].registry else {}),
+        "model_sha256": predictor.verified,
         **({"ensemble": predictor.sources} if len(predictor.members) > 1 else {}),
         "backend": predictor.backend,
         "device": predictor.device,
@@ -163,6 +174,7 @@ def _segment(predictor: Predictor, scan: Scan, prepared, out: Path, out_format: 
         "size_xyz": list(first.GetSize()),
         "spacing_xyz": list(first.GetSpacing()),
         "structures": result.structures,
+        **({"slicer_segmentation": str(seg)} if viewer_files else {}),
         "seconds": round(time.time() - started, 3),
     }
     write_json(out / f"{scan.case}.json", summary)
@@ -173,13 +185,15 @@ def predict(src: str | os.PathLike, out: str | os.PathLike,
             model: str | os.PathLike | Sequence[str | os.PathLike] | Predictor, *,
             device: str = "auto", mirror: bool = False, overlap: float = 0.5, workers: int = 2,
             batch_size: int = 1, out_format: str | None = None, threads: int | None = None,
-            progress: bool = True) -> list[Outcome]:
+            progress: bool = True, viewer_files: bool = True) -> list[Outcome]:
     """Segment every scan in ``src`` (file or folder) into ``out``; return one Outcome per scan.
 
     ``model`` is one reference (training directory, ``model.onnx``, ``models:/`` URI), several
     (an ensemble: averaged probabilities) or a :class:`Predictor`. Per-scan errors are caught and
     reported in the outcomes (the CLI turns them into the exit status); errors about the model
-    or the output folder raise UserError at once.
+    or the output folder raise UserError at once. ``viewer_files``: beside each label map a 3D
+    Slicer ``CASE.seg.nrrd`` with structure names and colours, and per folder the colour tables
+    of Slicer and ITK-SNAP (``_viewer_files``).
     """
     from tqdm import tqdm
 
@@ -200,6 +214,8 @@ def predict(src: str | os.PathLike, out: str | os.PathLike,
         log.warning("%s: not an image (%s); ignored", path, ", ".join(IMAGE_SUFFIXES))
     _refuse_overwriting_inputs(scans, ignored, out, out_format)
     options = {"mirror": mirror, "overlap": overlap, "batch_size": batch_size}
+    if viewer_files and scans:  # one colour table per folder: every label map in it shares it
+        write_label_tables(predictor.labels, out)
     outcomes: list[Outcome] = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
         pending: dict[int, Future] = {}
@@ -216,7 +232,8 @@ def predict(src: str | os.PathLike, out: str | os.PathLike,
             future = pending.pop(i)
             submit(i + workers)
             try:
-                outcomes.append(_segment(predictor, scan, future.result(), out, out_format, options, progress))
+                outcomes.append(_segment(predictor, scan, future.result(), out, out_format, options, progress,
+                                         viewer_files))
             except UserError as exc:
                 log.error("%s", exc)
                 outcomes.append(Outcome(scan.case, False, error=str(exc)))
@@ -255,6 +272,9 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=1, help="slabs per forward pass (default 1)")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--format", choices=sorted(FORMATS), help="output format (default: the input's)")
+    p.add_argument("--no-viewer-files", action="store_true", help="write only the label maps and JSON "
+                   "summaries: no CASE.seg.nrrd (3D Slicer segmentation with structure names and colours) "
+                   "and no labels.ctbl / labels.itksnap.txt (colour tables for Slicer and ITK-SNAP)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_main)
 
@@ -262,7 +282,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
 def _main(args: argparse.Namespace) -> int:
     outcomes = predict(args.input, args.output, args.model, device=args.device, mirror=args.mirror,
                        overlap=args.overlap, workers=args.workers, batch_size=args.batch_size,
-                       out_format=args.format, threads=args.threads, progress=not args.no_progress)
+                       out_format=args.format, threads=args.threads, progress=not args.no_progress,
+                       viewer_files=not args.no_viewer_files)
     failed = [o for o in outcomes if not o.ok]
     print(f"masksam predict: {len(outcomes) - len(failed)} of {len(outcomes)} scans segmented into "
           f"{args.output}" + (f"; {len(failed)} failed: {', '.join(o.case for o in failed)}" if failed else ""))

@@ -150,6 +150,7 @@ class Member:
     device: str = "cpu"
     providers: list[str] = field(default_factory=list)
     verified: dict[str, str] = field(default_factory=dict)  # file -> sha256 checked at load
+    registry: dict[str, Any] | None = None  # a registered model: name, version its alias resolved to
 
     def sliding_window(self, image: np.ndarray, *, mirror: bool, overlap: float, batch_size: int,
                        return_probs: bool, progress: bool) -> tuple[np.ndarray | None, np.ndarray]:
@@ -231,15 +232,21 @@ class Predictor:
     def from_mlflow(cls, uri: str, device: str = "auto", threads: int | None = None) -> "Predictor":
         """A registered model, downloaded into a temporary folder, verified against the
         registry's record, loaded, and the folder removed (ONNX Runtime holds the graph)."""
-        from masksam.components._loading import download_model
+        from masksam.components._loading import ONNX_NAME, download_model, registry_record
 
+        record = registry_record(uri)  # alias -> version once: the version is what runs
         tmp = Path(tempfile.mkdtemp(prefix="masksam-model-"))
         try:
-            onnx_path, _ = download_model(uri, tmp / "model")
+            onnx_path, _ = download_model(uri, tmp / "model", record=record)
             predictor = cls.from_onnx(onnx_path, device=device, threads=threads)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        predictor.members[0].source = uri
+        member = predictor.members[0]
+        member.source = uri
+        alias = uri.split("@", 1)[1] if "@" in uri else None
+        member.registry = {"uri": uri, "name": record.name, "version": record.version, "alias": alias,
+                           "resolved_uri": record.uri, "onnx_sha256": member.verified.get(ONNX_NAME),
+                           "manifest_sha256": record.tags.get("manifest_sha256")}
         return predictor
 
     @classmethod

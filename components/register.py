@@ -147,6 +147,18 @@ def test_set_id(evaluation: dict[str, Any]) -> str:
     return test_set_digest(refs)
 
 
+def check_scored_model(evaluation: dict[str, Any], onnx_sha256: str, eval_file: Path, export_dir: Path) -> None:
+    """What is registered is what was evaluated: the summary's ``model_sha256`` (recorded by
+    ``masksam evaluate``) must hold this export's ONNX file. A score of the PyTorch weights, of
+    another export or of an ensemble does not vouch for this file."""
+    scored = evaluation.get("model_sha256")
+    if not isinstance(scored, dict) or scored.get(ONNX_NAME) != onnx_sha256:
+        what = ("records no model_sha256 (written by an older masksam evaluate)" if not isinstance(scored, dict)
+                else f"scored {evaluation.get('model', 'another model')}, not {export_dir / ONNX_NAME}")
+        raise UserError(f"{eval_file}: {what}; the registered model must be the one evaluated. Run "
+                        f"`masksam evaluate --model {export_dir} ...` and register with that summary")
+
+
 def mean_dice(evaluation: dict[str, Any], path: Path) -> float:
     try:
         return float(evaluation["foreground_mean"]["Dice"])
@@ -218,6 +230,7 @@ def register(train_dir: str | os.PathLike, export_dir: str | os.PathLike, eval_f
         raise UserError(f"{onnx_path}: was exported from weights {exported_from[:12]}, but {summary_path} "
                         f"records {weights_sha[:12]}; re-export this training run before registering")
     evaluation = read_json(eval_file, "evaluation summary")
+    check_scored_model(evaluation, meta["files"][ONNX_NAME], eval_file, export_dir)
     dice = mean_dice(evaluation, eval_file)
     test_set = test_set_id(evaluation)
 

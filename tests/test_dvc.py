@@ -29,6 +29,7 @@ def _tiny_params() -> dict:
     params["preprocess"].update(target_spacing=[3.0, 3.0, 6.0], test_fraction=0.2, folds=3)
     params["model"].update(img_size=32, slab_depth=4, num_queries=8)  # fixed matching: one per class
     params["train"].update(steps=4, val_every=4, batch_size=1)
+    params["register"]["min_dice"] = 0.0  # 4 steps learn little: let the alias logic run anyway
     return params
 
 
@@ -70,10 +71,16 @@ def test_dvc_repro_end_to_end_noop_and_param_change(dvc_repo: tuple[Path, dict],
     dvc = str(BIN / "dvc")
     out = _run([dvc, "repro"], repo, env)
     assert _ran_stages(out) == {"data", "validate", "preprocess", "train", "evaluate", "export", "register"}
+    # metrics read well: Dice first, per class and the mean, no counts
     metrics = json.loads((repo / "data/eval/metrics.json").read_text())
-    assert metrics["n_cases"] >= 1 and "Dice" in metrics["foreground_mean"]
-    shown = _run([dvc, "metrics", "show", "--json"], repo, env)
-    assert "foreground_mean" in shown
+    assert list(metrics) == ["Dice", "HD95", "NSD"] and "mean" in metrics["Dice"]
+    shown = _run([dvc, "metrics", "show"], repo, env)
+    header = shown.splitlines()[0]
+    assert header.index("Dice.mean") < header.index("HD95.mean") and "n_cases" not in shown
+    # plots render offline: images embedded in the HTML, no script from a CDN
+    _run([dvc, "plots", "show", "--out", str(tmp_path / "plots")], repo, env)
+    html = (tmp_path / "plots" / "index.html").read_text()
+    assert "<img" in html and "<script src=\"http" not in html and "cdn" not in html.lower()
 
     # Data versioning: the raw dataset is in the DVC cache and goes to the remote.
     _run([dvc, "push"], repo, env)

@@ -118,12 +118,13 @@ def test_stage_deps_cover_the_import_closure_of_its_verb(stage: str) -> None:
 
 def test_closure_follows_lazy_and_relative_imports() -> None:
     """The closure helper itself: evaluate reaches _resample only through a function-level
-    import chain (evaluate -> predict/preprocess -> _resample); register reaches predict."""
+    import chain (evaluate -> predictor -> preprocess -> _resample); the served pyfunc reaches
+    the predictor and its sliding window."""
     evaluate = {p.relative_to(ROOT).as_posix() for p in import_closure("masksam.components.evaluate")}
     assert "components/_resample.py" in evaluate
     assert "components/_io.py" in evaluate
     served = {p.relative_to(ROOT).as_posix() for p in import_closure(SERVED_MODULE)}
-    assert "components/predict.py" in served
+    assert {"components/predictor.py", "components/_sliding_window.py"} <= served
 
 
 @pytest.mark.parametrize("baselines, expected", [([], set()), (["nnunet"], {"baseline@nnunet", "compare@nnunet"})])

@@ -57,6 +57,31 @@ def test_predict_cli_folder_onnx(tmp_path, export_dir, capsys):  # noqa: F811
     assert not (out / "broken.mha").exists()
 
 
+def test_predictions_open_by_name_in_slicer_and_itksnap(tmp_path, export_dir):  # noqa: F811
+    """Beside each label map a .seg.nrrd that 3D Slicer's reader names and colours, the folder's
+    colour tables, and a summary naming the exact model file; --no-viewer-files writes none."""
+    import slicerio
+
+    src, _ = _inputs(tmp_path)
+    out = tmp_path / "out"
+    main(["predict", "-i", str(src), "-o", str(out), "--model", str(export_dir), "--device", "cpu", "--no-progress"])
+    plan_labels = json.loads((export_dir / "model.onnx.json").read_text())["plan"]["labels"]
+    seg = slicerio.read_segmentation(str(out / "scan_a.seg.nrrd"))
+    names = {s["name"]: s["labelValue"] for s in seg["segments"]}
+    assert names == {k: v for k, v in plan_labels.items() if v != 0}
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "scan_a.nrrd")))
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out / "scan_a.seg.nrrd"))), labels)
+    assert "spleen" in (out / "labels.ctbl").read_text() and '"spleen"' in (out / "labels.itksnap.txt").read_text()
+    summary = json.loads((out / "scan_a.json").read_text())
+    sidecar = json.loads((export_dir / "model.onnx.json").read_text())
+    assert summary["model_sha256"]["model.onnx"] == sidecar["files"]["model.onnx"]
+    assert summary["slicer_segmentation"] == str(out / "scan_a.seg.nrrd")
+    bare = tmp_path / "bare"
+    main(["predict", "-i", str(src / "scan_a.nrrd"), "-o", str(bare), "--model", str(export_dir), "--device", "cpu",
+          "--no-progress", "--no-viewer-files"])
+    assert sorted(p.name for p in bare.iterdir()) == ["scan_a.json", "scan_a.nrrd"]
+
+
 def test_checkpoint_dir_and_onnx_agree(tmp_path, train_dir, export_dir):  # noqa: F811
     from masksam.components.predict import predict
 

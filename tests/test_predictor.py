@@ -220,3 +220,27 @@ def test_evaluate_model_in_memory(tmp_path, train_dir, export_dir, preprocessed,
         shutil.copy(entry["reference_file"], gt)
     again = evaluate_mod.evaluate_folders(out / "predictions", gt, {"liver": 1, "spleen": 2}, mlflow_log=False)
     assert again["foreground_mean"]["Dice"] == pytest.approx(summary["foreground_mean"]["Dice"], nan_ok=True)
+
+
+def test_evaluate_records_what_it_scored_and_writes_readable_dvc_metrics(tmp_path, export_dir, preprocessed):  # noqa: F811
+    """The summary names the exact ONNX file scored (sha256) and the training run it came from;
+    metrics.json leads with Dice and holds no counts, for a readable `dvc metrics show`."""
+    from masksam.components import evaluate as evaluate_mod
+
+    raw = preprocessed.parent / "raw"
+    out = tmp_path / "eval"
+    summary = evaluate_mod.evaluate_model(export_dir, raw, preprocessed, out, progress=False, mlflow_log=False,
+                                          device="cpu")
+    sidecar = json.loads((export_dir / "model.onnx.json").read_text())
+    assert summary["model_sha256"]["model.onnx"] == sidecar["files"]["model.onnx"]
+    assert summary.get("train_run_id") == sidecar["source"].get("train_run_id")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics) == ["Dice", "HD95", "NSD"]
+    assert set(metrics["Dice"]) == {"mean", "liver", "spleen"}
+    assert metrics["Dice"]["mean"] == pytest.approx(summary["foreground_mean"]["Dice"], abs=1e-4, nan_ok=True)
+    # the test set is identified by the content of its scans and references
+    from masksam.components.data.manifest import test_set_digest
+
+    cases = [e["case"] for e in summary["metric_per_case"]]
+    files = {c: [*sorted((raw / "imagesTr").glob(f"{c}_0*")), raw / "labelsTr" / f"{c}.nii.gz"] for c in cases}
+    assert summary["test_set_id"] == test_set_digest(files)

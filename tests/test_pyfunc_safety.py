@@ -25,6 +25,7 @@ import SimpleITK as sitk
 from mlflow.exceptions import MlflowException
 
 from _delivery_fixtures import delivery_root, export_dir, phantom_ct, preprocessed, train_dir  # noqa: F401
+from _shared import eval_summary_for
 from masksam.components import serve as serve_mod
 from masksam.components._pyfunc import DEFAULT_MAX_VOXELS, MAX_VOXELS_ENV, check_size
 from masksam.components.serve import MAX_BYTES_ENV
@@ -58,8 +59,7 @@ def registry(tmp_path_factory, train_dir, export_dir):  # noqa: F811
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.chdir(root)  # the SQLite store keeps its artifacts under ./mlruns
         mlflow.set_tracking_uri(uri)
-        ev = {"foreground_mean": {"Dice": 0.5}, "n_cases": 1, "metric_per_case": [{"case": "x"}],
-              "test_set_id": "0" * 64}
+        ev = eval_summary_for(export_dir)
         (root / "eval.json").write_text(json.dumps(ev))
         register(train_dir, export_dir, root / "eval.json")
         yield uri
@@ -143,6 +143,16 @@ def test_predictor_from_the_registry_matches_the_export(registry, export_dir, tm
     a = sitk.GetArrayFromImage(pulled.predict_files(tmp_path / "scan.nii.gz").labels)
     b = sitk.GetArrayFromImage(local.predict_files(tmp_path / "scan.nii.gz").labels)
     np.testing.assert_array_equal(a, b)
+    # and a prediction names the version the alias resolved to and the ONNX file's sha256
+    from masksam.components.predict import predict
+
+    (outcome,) = predict(tmp_path / "scan.nii.gz", tmp_path / "out", pulled, progress=False)
+    summary = json.loads((tmp_path / "out" / "scan.json").read_text())
+    sidecar = json.loads((export_dir / "model.onnx.json").read_text())
+    version = summary["model_version"]
+    assert (version["name"], version["alias"], version["resolved_uri"]) == (
+        "masksam", "champion", f"models:/masksam/{version['version']}")
+    assert version["onnx_sha256"] == sidecar["files"]["model.onnx"] == summary["model_sha256"]["model.onnx"]
 
 
 def test_readme_call_on_flipped_scan_matches_masksam_predict(tmp_path, model, export_dir):  # noqa: F811

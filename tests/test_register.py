@@ -10,6 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 from _delivery_fixtures import delivery_root, export_dir, phantom_ct, preprocessed, train_dir  # noqa: F401
+from _shared import eval_summary_for
 from masksam.errors import UserError
 
 
@@ -129,8 +130,7 @@ def test_register_load_predict_pull_and_tamper(tracking, tmp_path, train_dir, ex
     from masksam.components.pull import pull
     from masksam.components.register import register
 
-    ev = {"foreground_mean": {"Dice": 0.5, "HD95": 4.0, "NSD": 0.6}, "n_cases": 1, "test_set_id": "set-1",
-          "metric_per_case": [{"case": "case_000"}], "reference_folder": str(tmp_path)}
+    ev = eval_summary_for(export_dir, foreground_mean={"Dice": 0.5, "HD95": 4.0, "NSD": 0.6}, test_set_id="set-1")
     (tmp_path / "eval.json").write_text(json.dumps(ev))
     d = register(train_dir, export_dir, tmp_path / "eval.json")
     assert d.alias == "champion"
@@ -201,8 +201,7 @@ def test_model_is_logged_from_its_training_run(tracking, tmp_path, train_dir, ex
     shutil.copytree(train_dir, trained)
     summary = json.loads((trained / "train_summary.json").read_text())
     (trained / "train_summary.json").write_text(json.dumps({**summary, "mlflow_run_id": run_id}))
-    ev = {"foreground_mean": {"Dice": 0.5, "HD95": 4.0, "NSD": 0.6}, "n_cases": 1, "test_set_id": "set-1",
-          "metric_per_case": [{"case": "case_000"}]}
+    ev = eval_summary_for(export_dir, foreground_mean={"Dice": 0.5, "HD95": 4.0, "NSD": 0.6}, test_set_id="set-1")
     (tmp_path / "eval.json").write_text(json.dumps(ev))
     d = register(trained, export_dir, tmp_path / "eval.json", min_dice=0.0)
     client = MlflowClient()
@@ -215,3 +214,19 @@ def test_model_is_logged_from_its_training_run(tracking, tmp_path, train_dir, ex
     assert run.data.tags["mlflow.source.name"] == "masksam train"
     (dataset,) = [i.dataset for i in run.inputs.dataset_inputs]
     assert (dataset.name, dataset.digest) == ("Phantom", manifest["dataset_sha256"][:36])
+
+
+def test_register_refuses_a_score_of_another_model(tmp_path, train_dir, export_dir):  # noqa: F811
+    """What is registered is what was evaluated: a summary that scored the PyTorch weights, another
+    export, or nothing recorded, does not vouch for this ONNX file."""
+    from masksam.components.register import register
+
+    for scored in ({"model.safetensors": "a" * 64}, {"model.onnx": "b" * 64}, None):
+        ev = eval_summary_for(export_dir, model="data/train")
+        if scored is None:
+            del ev["model_sha256"]
+        else:
+            ev["model_sha256"] = scored
+        (tmp_path / "eval.json").write_text(json.dumps(ev))
+        with pytest.raises(UserError, match="must be the one evaluated"):
+            register(train_dir, export_dir, tmp_path / "eval.json")

@@ -17,6 +17,7 @@ import pytest
 import SimpleITK as sitk
 
 from _delivery_fixtures import delivery_root, export_dir, phantom_ct, preprocessed, train_dir  # noqa: F401
+from _shared import eval_summary_for
 
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 
@@ -55,7 +56,7 @@ def test_register_then_serve_rest(tmp_path, train_dir, export_dir, monkeypatch):
         uri = f"http://127.0.0.1:{port}"
         _wait(f"{uri}/health", server)
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-        ev = {"foreground_mean": {"Dice": 0.5}, "n_cases": 1, "metric_per_case": [{"case": "x"}]}
+        ev = eval_summary_for(export_dir)
         (tmp_path / "eval.json").write_text(json.dumps(ev))
         assert register(train_dir, export_dir, tmp_path / "eval.json").alias == "champion"
 

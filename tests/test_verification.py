@@ -22,6 +22,7 @@ import pytest
 import SimpleITK as sitk
 
 from _delivery_fixtures import delivery_root, export_dir, phantom_ct, preprocessed, train_dir  # noqa: F401
+from _shared import eval_summary_for
 from masksam.components._loading import (EXPORT_MANIFEST, MODEL_MANIFEST, HashMismatch,
                                          sha256_file, sidecar_path, write_manifest)
 from masksam.components.predictor import Predictor
@@ -49,8 +50,7 @@ def registered(tmp_path_factory, train_dir, export_dir):  # noqa: F811
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mlflow.set_tracking_uri(uri)
         mlflow.create_experiment("masksam", artifact_location=(root / "store").as_uri())
-        ev = {"foreground_mean": {"Dice": 0.5}, "n_cases": 1, "metric_per_case": [{"case": "case_000"}],
-              "test_set_id": "0" * 64}
+        ev = eval_summary_for(export_dir)
         (root / "eval.json").write_text(json.dumps(ev))
         decision = register(train_dir, export_dir, root / "eval.json")
         client = MlflowClient()
