@@ -23,8 +23,15 @@ cannot mark a parameter required (a missing one is filled with its default), so 
 defaults are empty lists, which this model refuses by name. Optional: ``mirror`` (bool),
 ``overlap`` (float in [0, 1)). Output: uint8 ``[Z, Y, X]`` labels on the input's grid. Over REST:
 ``{"inputs": [...nested lists...], "params": {"spacing": [...], "origin": [...], "direction":
-[...]}}`` to ``/invocations``. For files, ``unwrap_python_model().predict_file(path, out_path)``
-reads any SimpleITK format and writes the label map.
+[...]}}`` to ``/invocations``.
+
+Files (no 52-million-number JSON for a 512x512x200 CT): ``params["file_b64"]`` carries a NIfTI,
+NRRD or MHA file's bytes in base64 (``file_format`` names it when its magic bytes do not), or
+``params["file_path"]`` names a file under ``MASKSAM_FILE_ROOT`` on a volume mounted into the
+server (unset: refused); ``model_input`` is then ignored (``[[[0]]]`` satisfies the signature).
+The answer is ``{"labels_b64": the label file in the same format, "format", "size_xyz",
+"spacing_xyz", "structures": per-structure volume and confidence, "model_sha256"}``. In Python,
+``unwrap_python_model().predict_file(path, out_path)`` does the same on a local file.
 
 Inputs larger than ``MASKSAM_MAX_VOXELS`` values (read when the model loads; default 512**3) are
 refused before any work. Every refusal is a :class:`RequestRefused`: an ``MlflowException`` with
@@ -150,6 +157,70 @@ def options(params: dict[str, Any] | None) -> tuple[bool, float]:
     return bool(mirror), float(overlap)
 
 
+FILE_ROOT_ENV = "MASKSAM_FILE_ROOT"
+FILE_FORMATS = (".nii.gz", ".nii", ".nrrd", ".mha")
+
+
+def _sniff_format(data: bytes) -> str:
+    """The image format of a request's bytes, from their magic numbers."""
+    if data[:2] == b"\x1f\x8b":
+        return ".nii.gz"
+    if data[:4] == b"NRRD":
+        return ".nrrd"
+    if data[344:348] in (b"n+1\0", b"ni1\0"):
+        return ".nii"
+    if b"ObjectType" in data[:1024]:
+        return ".mha"
+    raise RequestRefused("params['file_b64'] is not a NIfTI (.nii/.nii.gz), NRRD or MHA file; give "
+                         "params['file_format'] if it is one")
+
+
+def request_file(params: dict[str, Any], tmp: Path) -> Path:
+    """The image file a request names: ``file_b64`` decoded into ``tmp`` (format from
+    ``file_format`` or the bytes), or ``file_path`` confined to ``MASKSAM_FILE_ROOT``."""
+    import base64
+    import binascii
+
+    if params.get("file_b64") and params.get("file_path"):
+        raise RequestRefused("give params['file_b64'] or params['file_path'], not both")
+    fmt = str(params.get("file_format") or "")
+    if fmt and fmt not in FILE_FORMATS:
+        raise RequestRefused(f"params['file_format'] = {fmt!r}: one of {', '.join(FILE_FORMATS)}")
+    if params.get("file_b64"):
+        try:
+            data = base64.b64decode(str(params["file_b64"]), validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise RequestRefused(f"params['file_b64'] is not valid base64 ({exc})") from exc
+        path = tmp / f"scan{fmt or _sniff_format(data)}"
+        path.write_bytes(data)
+        return path
+    root = os.environ.get(FILE_ROOT_ENV, "").strip()
+    if not root:
+        raise RequestRefused(f"params['file_path'] is refused: this server reads no files ({FILE_ROOT_ENV} is not "
+                             "set); send the file's bytes as params['file_b64']")
+    path = Path(str(params["file_path"]))
+    path = path if path.is_absolute() else Path(root) / path
+    resolved = path.resolve()
+    if not resolved.is_relative_to(Path(root).resolve()) or not resolved.is_file():
+        raise RequestRefused(f"params['file_path'] = {params['file_path']!r}: no such file under {FILE_ROOT_ENV}")
+    if not any(resolved.name.endswith(f) for f in FILE_FORMATS):
+        raise RequestRefused(f"params['file_path']: {resolved.name} is not one of {', '.join(FILE_FORMATS)}")
+    return resolved
+
+
+def check_file_size(path: Path, limit: int) -> None:
+    """Refuse an image file over ``limit`` voxel values from its header, before reading it."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise RequestRefused(f"the request's file cannot be read as an image ({str(exc).splitlines()[0][:200]})") from exc
+    check_size((*reader.GetSize(), reader.GetNumberOfComponents()), limit)
+
+
 class MaskSAMPyfunc(mlflow.pyfunc.PythonModel):
     """pyfunc over the verified ONNX graph plus masksam's preprocessing and restoring."""
 
@@ -181,13 +252,18 @@ class MaskSAMPyfunc(mlflow.pyfunc.PythonModel):
             raise RequestRefused(f"model_input must hold numbers (raw intensities), got {volume.dtype}")
         return volume
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> np.ndarray:
+    def predict(self, context, model_input, params: dict[str, Any] | None = None):
         """Segment one volume given as an array in raw units; returns uint8 labels, same shape.
-        Size, geometry, options and finiteness are checked, in that order, before any work."""
+        Size, geometry, options and finiteness are checked, in that order, before any work.
+        With ``file_b64`` or ``file_path`` in ``params`` the scan is that image file instead
+        (``model_input`` is then ignored) and the answer is the label file and the summary
+        (:meth:`_predict_file_request`)."""
         import SimpleITK as sitk
 
         from masksam.components._scan import check_finite
 
+        if (params or {}).get("file_b64") or (params or {}).get("file_path"):
+            return self._predict_file_request(params or {})
         volume = self._volume(model_input)
         spacing, origin, direction = geometry(params)
         mirror, overlap = options(params)
@@ -205,6 +281,36 @@ class MaskSAMPyfunc(mlflow.pyfunc.PythonModel):
             images.append(img)
         restored = self._segment(images, mirror, overlap)
         return sitk.GetArrayFromImage(restored).astype(np.uint8)
+
+    def _predict_file_request(self, params: dict[str, Any]) -> dict[str, Any]:
+        """A NIfTI/NRRD/MHA file in (``file_b64``: its bytes, base64; or ``file_path``: a file
+        under ``MASKSAM_FILE_ROOT`` on a volume mounted into the server), the label file in the
+        same format out, base64, with the per-structure summary: the geometry travels inside
+        the file, so nothing can be guessed wrong. The size is checked from the header first."""
+        import base64
+        import tempfile
+
+        mirror, overlap = options(params)
+        with tempfile.TemporaryDirectory(prefix="masksam-request-") as tmp:
+            path = request_file(params, Path(tmp))
+            check_file_size(path, getattr(self, "max_voxels", DEFAULT_MAX_VOXELS))
+            if self.model.n_channels != 1:
+                raise RequestRefused(f"file requests carry one image; this model needs {self.model.n_channels} "
+                                     "channels: send them as a [C, Z, Y, X] array with the geometry params")
+            from masksam.components._io import image_suffix, read_image, write_image
+
+            try:
+                image = read_image(path, expect_dim=3)
+            except UserError as exc:
+                raise RequestRefused(str(exc).replace(str(path), "the request's file")) from exc
+            result = self.model.predict_images([image], mirror=mirror, overlap=overlap, where="the request's file")
+            suffix = image_suffix(path.name)
+            out = Path(tmp) / f"labels{suffix}"
+            write_image(result.labels, out)
+            encoded = base64.b64encode(out.read_bytes()).decode("ascii")
+        return {"labels_b64": encoded, "format": suffix, "size_xyz": list(image.GetSize()),
+                "spacing_xyz": list(image.GetSpacing()), "structures": result.structures,
+                "model_sha256": self.model.verified}
 
     def predict_file(self, path: str | os.PathLike, out_path: str | os.PathLike | None = None,
                      mirror: bool = False, overlap: float = 0.5):

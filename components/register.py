@@ -126,6 +126,11 @@ def signature(plan: dict[str, Any]):
             ParamSpec("direction", "double", [], (-1,)),
             ParamSpec("mirror", "boolean", False),
             ParamSpec("overlap", "double", 0.5),
+            # file requests: the scan as a NIfTI/NRRD/MHA file (geometry inside), answered with
+            # the label file and the summary; model_input is then ignored ([[[0]]] will do)
+            ParamSpec("file_b64", "string", ""),
+            ParamSpec("file_path", "string", ""),
+            ParamSpec("file_format", "string", ""),
         ]),
     )
 

@@ -478,3 +478,41 @@ def test_masksam_serve_real_server(tmp_path, registry, model):
         proc.terminate()
         proc.wait(timeout=30)
     assert not list((tmp_path / "tmp").glob("masksam-serve-*"))  # removed on SIGTERM
+
+
+def test_file_requests_base64_and_mounted_path(model, tmp_path, export_dir, monkeypatch):  # noqa: F811
+    """A NIfTI file's bytes (base64) or a path under MASKSAM_FILE_ROOT in, the label file (same
+    format) and the summary out: the same labels as masksam predict on that file."""
+    import base64
+
+    from masksam.components.predict import predict
+
+    scan = tmp_path / "scans" / "ct.nii.gz"
+    scan.parent.mkdir()
+    sitk.WriteImage(_flipped_scan(3), str(scan))
+    (outcome,) = predict(scan, tmp_path / "ref", export_dir, progress=False, viewer_files=False)
+    expected = sitk.GetArrayFromImage(sitk.ReadImage(str(outcome.output)))
+    dummy = np.zeros((1, 1, 1), np.float32)
+    answer = model.predict(dummy, params={"file_b64": base64.b64encode(scan.read_bytes()).decode()})
+    assert answer["format"] == ".nii.gz" and set(answer["structures"]) >= {"liver", "spleen"}
+    (tmp_path / "labels.nii.gz").write_bytes(base64.b64decode(answer["labels_b64"]))
+    labels = sitk.ReadImage(str(tmp_path / "labels.nii.gz"))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(labels), expected)
+    assert labels.GetDirection() == sitk.ReadImage(str(scan)).GetDirection()
+    # a path only under the root the server mounts, never elsewhere
+    with pytest.raises(MlflowException) as exc:
+        model.predict(dummy, params={"file_path": str(scan)})
+    _refused(exc, "MASKSAM_FILE_ROOT")
+    monkeypatch.setenv("MASKSAM_FILE_ROOT", str(scan.parent))
+    by_path = model.predict(dummy, params={"file_path": "ct.nii.gz"})
+    assert by_path["labels_b64"] == answer["labels_b64"]
+    for bad in ("../ref/ct.nii.gz", str(tmp_path / "labels.nii.gz")):
+        with pytest.raises(MlflowException) as exc:
+            model.predict(dummy, params={"file_path": bad})
+        _refused(exc, "no such file under")
+    with pytest.raises(MlflowException) as exc:
+        model.predict(dummy, params={"file_b64": "not base64!"})
+    _refused(exc, "base64")
+    with pytest.raises(MlflowException) as exc:
+        model.predict(dummy, params={"file_b64": base64.b64encode(b"hello").decode()})
+    _refused(exc, "NIfTI")

@@ -92,6 +92,19 @@ def test_register_then_serve_rest(tmp_path, train_dir, export_dir, monkeypatch):
         assert error["error_code"] == "INVALID_PARAMETER_VALUE"
         assert "params origin, direction missing" in error["message"]
         assert "stack_trace" not in error and "Traceback" not in error["message"]
+        # a NIfTI file's bytes in, the label file and the summary out (no 52-million-number JSON)
+        import base64
+
+        sitk.WriteImage(img, str(tmp_path / "ct.nii.gz"))
+        body = json.dumps({"inputs": [[[0.0]]], "params": {
+            "file_b64": base64.b64encode((tmp_path / "ct.nii.gz").read_bytes()).decode()}}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{serve_port}/invocations", data=body,
+                                     headers={"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(req, timeout=120).read())["predictions"]
+        (tmp_path / "labels.nii.gz").write_bytes(base64.b64decode(answer["labels_b64"]))
+        from_file = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "labels.nii.gz")))
+        assert from_file.shape == labels.shape and (from_file == labels).mean() > 0.999  # NIfTI stores float32 spacing
+        assert answer["format"] == ".nii.gz" and "liver" in answer["structures"]
     finally:
         for proc in (serve, server):
             if proc is not None:
