@@ -37,6 +37,24 @@ BUILTIN: dict[str, dict[str, object]] = {
     "bs4": {"train.batch_size": 4},
     "img96": {"model.img_size": 96},
 }
+# issue 10 item 7: the demo with each of the paper's components switched on (the demo keeps the
+# light variant) or off (the demo has it on); `--variant ablation` runs them all
+ABLATION: dict[str, dict[str, object]] = {
+    "demo": {},
+    "enc_adapter_paper": {"model.encoder_adapter": "paper"},
+    "stem_conv": {"model.stem": "conv"},
+    "prompt_gen_full": {"model.prompt_generator": "full"},
+    "mask_prompt_binary": {"model.mask_prompt": "binary"},
+    "prompt_temporal_on": {"model.prompt_temporal_embedding": True},
+    "dec_adapters_paper": {"model.decoder_adapters": "paper"},
+    "upsampler_learned3d": {"model.mask_upsampler": "learned3d"},
+    "no_depth_conv": {"model.use_depth_conv_adapter": False},
+    "no_depth_mlp": {"model.use_depth_mlp_adapter": False},
+    "no_temporal": {"model.use_temporal_embedding": False},
+    "no_aux_boxes": {"model.use_aux_boxes": False},
+    "no_aux_tokens": {"model.use_aux_class_tokens": False},
+}
+BUILTIN.update(ABLATION)
 
 
 def parse_variant(spec: str) -> tuple[str, dict[str, object]]:
@@ -87,6 +105,9 @@ def run_variant(name: str, params: dict, args: argparse.Namespace) -> dict:
         return row
     summary = json.loads((out / "train" / "train_summary.json").read_text())
     row["best_val"] = summary.get("best_val_mean_dice")
+    row["steps"] = summary.get("steps")
+    row["step_s"] = round(float(summary.get("wall_time_s", wall)) / max(1, int(summary.get("steps") or 1)), 3)
+    row["trainable"] = summary.get("num_trainable_params")
     score = subprocess.run([sys.executable, __file__, "--score", str(out / "train"), "--preprocessed",
                             args.preprocessed, "--device", args.device],
                            capture_output=True, text=True, env=env, cwd=out)
@@ -160,7 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out = str(Path(args.out).resolve())
     args.preprocessed = str(Path(args.preprocessed).resolve())
     base = yaml.safe_load(Path(args.params).read_text())
-    variants = [parse_variant(v) for v in (args.variant or list(BUILTIN))]
+    specs = args.variant or [n for n in BUILTIN if n not in ABLATION]
+    if "ablation" in specs:
+        specs = [s for s in specs if s != "ablation"] + list(ABLATION)
+    variants = [parse_variant(v) for v in specs]
     Path(args.out).mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
@@ -175,12 +199,14 @@ def main(argv: list[str] | None = None) -> int:
     rows.sort(key=lambda r: order.index(r["variant"]))
     print(f"\n{args.steps or base['train']['steps']} steps unless overridden, device {args.device}, "
           f"{args.parallel} at once\n")
-    print("| variant | overrides | train s | best val Dice | test Dice (grid) | per class | aux-mask Dice |")
-    print("|---|---|---|---|---|---|---|")
+    print("| variant | overrides | trainable | s/step | train s | best val Dice | test Dice (grid) | per class | "
+          "aux-mask Dice |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         per = " ".join(f"{v:.2f}" for v in r.get("per_class", {}).values())
-        print(f"| {r['variant']} | {r['overrides']} | {r['train_s']} | {r.get('best_val')} | "
-              f"{r.get('test_dice', r.get('error', '')[-200:])} | {per} | {r.get('test_dice_aux')} |")
+        print(f"| {r['variant']} | {r['overrides']} | {r.get('trainable')} | {r.get('step_s')} | {r['train_s']} | "
+              f"{r.get('best_val')} | {r.get('test_dice', r.get('error', '')[-200:])} | {per} | "
+              f"{r.get('test_dice_aux')} |")
     return 0
 
 

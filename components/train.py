@@ -704,6 +704,8 @@ def _finish(run: _Run, params: dict[str, Any] | None, resume: bool, start_time: 
             "wall_time_s": round(time.time() - start_time, 1), "resumed": bool(resume),
             "world_size": run.dist.world, "device": str(run.device),
             "precision": str(run.dtype).replace("torch.", ""),
+            "num_params": sum(p.numel() for p in run.model.parameters()),
+            "num_trainable_params": sum(p.numel() for p in run.trainable),
             "hashes": {"model.safetensors": sha256_file(out / "model.safetensors"),
                        "plan.json": sha256_file(out / "plan.json"),
                        "model_config.json": sha256_file(out / "model_config.json")},

@@ -127,7 +127,8 @@ def test_predict_refuses_bad_scans_per_file(tmp_path, train_dir, capsys, caplog)
     rc, out, _ = _predict_cli(src, tmp_path / "out", train_dir, capsys)
     assert rc == 1
     assert "1 of 5 scans segmented" in out
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.json", "good.nii.gz"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.json", "good.nii.gz", "good.seg.nrrd",
+                                                                   "labels.ctbl", "labels.itksnap.txt"]
     log = caplog.text
     assert f"{src / 'truncated.nii.gz'}: file is truncated" in log
     assert f"{src / 'all_nan.nii.gz'}: 6720 of 6720 voxel(s) are NaN or inf" in log
