@@ -621,6 +621,11 @@ def _train_step(run: _Run, batches, bar) -> dict[str, float]:
                         f"(now {cfg.lr}) or use precision fp32/bf16")
     run.scaler.unscale_(run.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(run.trainable, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    if not run.scaler.is_enabled() and not math.isfinite(float(grad_norm)):
+        # fp16's scaler skips such a step itself; without it AdamW would write NaN into the weights
+        raise UserError(f"training diverged at step {run.step + 1}: the gradient norm is {float(grad_norm)} "
+                        f"(finite loss {terms['loss']:.4g}); lower train.lr (now {cfg.lr}), or use precision "
+                        "fp32 if this is bf16 on a CPU (torch's bf16 Conv3d backward can give NaN there)")
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)

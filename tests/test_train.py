@@ -393,3 +393,21 @@ def test_dry_run_class_counts_equal_the_importers_labels():
                                    "acdc": len(ACDC_LABELS)}
     assert dataset_num_classes(DataParams(source="synapse", subset=8))[0] == 9
     assert dataset_num_classes(DataParams(source="nnunet"))[0] == 8
+
+
+def test_nan_gradient_with_finite_loss_stops_training_by_name(preprocessed, tmp_path, monkeypatch):
+    """Without fp16's scaler nothing skips a NaN gradient: training stops with a clear error
+    instead of writing NaN into the weights (and failing later somewhere else)."""
+    import masksam.components.train as train_mod
+
+    build = train_mod._build_model
+
+    def poisoned(mcfg):
+        model = build(mcfg)
+        first = next(p for p in model.parameters() if p.requires_grad)
+        first.register_hook(lambda g: torch.full_like(g, float("nan")))
+        return model
+
+    monkeypatch.setattr(train_mod, "_build_model", poisoned)
+    with pytest.raises(UserError, match="gradient norm is nan"):
+        train(preprocessed, tmp_path / "out", TINY_MODEL, tiny_train(), loss=TINY_LOSS, progress=False)
