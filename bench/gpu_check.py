@@ -105,7 +105,7 @@ def load_config(name: str, tiny: bool, batch: int):
     """The typed params of paper configuration ``name`` (random weights, one micro-batch per step)."""
     from masksam.components.params import load_params
 
-    overrides: dict[str, Any] = {"model.checkpoint": None, "train.grad_accum": 1, "train.batch_size": batch,
+    overrides: dict[str, Any] = {"model.sam_weights": None, "train.grad_accum": 1, "train.batch_size": batch,
                                  "train.num_workers": 0}
     if tiny:
         overrides.update(TINY)

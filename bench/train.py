@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--demo", help="a finished demo checkpoint dir (train_summary.json) to report")
+    ap.add_argument("--demo", help="a finished demo training dir (train_summary.json) to report")
     ap.add_argument("--eval", help="the demo's evaluate summary.json (held-out Dice) to report")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

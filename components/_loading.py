@@ -329,7 +329,7 @@ def onnx_session(onnx_path: str | os.PathLike, device: str = "auto", threads: in
     return session, meta, verified
 
 
-# ----------------------------------------------------------------------------- checkpoint dir
+# ----------------------------------------------------------------------------- training dir
 
 
 def torch_device(device: str) -> str:
@@ -339,7 +339,7 @@ def torch_device(device: str) -> str:
     if device in ("auto",):
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "tensorrt":
-        raise UserError("--device tensorrt needs an ONNX model (masksam export), not a checkpoint directory")
+        raise UserError("--device tensorrt needs an ONNX model (masksam export), not a training directory")
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: PyTorch sees no CUDA device here; pass --device cpu")
     return device
@@ -393,7 +393,7 @@ def recorded_weight_hash(train_dir: Path) -> str | None:
 
 
 def build_model_from_dir(train_dir: str | os.PathLike, device: str = "cpu"):
-    """Build MaskSAM from a checkpoint directory: config JSON + safetensors weights (strict)."""
+    """Build MaskSAM from a training directory: config JSON + safetensors weights (strict)."""
     import torch
     from safetensors.torch import load_file
 
@@ -401,7 +401,7 @@ def build_model_from_dir(train_dir: str | os.PathLike, device: str = "cpu"):
 
     train_dir = Path(train_dir)
     if not train_dir.is_dir():
-        raise UserError(f"{train_dir}: checkpoint directory not found (run masksam train first)")
+        raise UserError(f"{train_dir}: training directory not found (run masksam train first)")
     verified = verify_training_dir(train_dir)  # before any of its files is parsed
     config = read_json(train_dir / "model_config.json", "model config")
     plan = read_json(train_dir / "plan.json", "preprocessing plan")
@@ -409,7 +409,7 @@ def build_model_from_dir(train_dir: str | os.PathLike, device: str = "cpu"):
     try:
         # the SAM checkpoint path was for training's initialisation; the weights come from
         # model.safetensors, so the (possibly absent) .pth file is never read here.
-        cfg = MaskSAMConfig.from_dict({**config, "checkpoint": None})
+        cfg = MaskSAMConfig.from_dict({**config, "sam_weights": None})
     except (TypeError, ValueError) as exc:
         raise UserError(f"{train_dir / 'model_config.json'}: not a MaskSAMConfig ({exc})") from exc
     model = build_masksam(cfg)

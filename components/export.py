@@ -431,7 +431,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         description="Export MaskSAM's per-slab inference graph (class_probs) to ONNX with a dynamic "
         "batch axis, check ONNX Runtime against PyTorch, and write model.onnx + model.onnx.json "
         "(plan, config, sha256, parity figures). Nothing is written when parity fails.")
-    p.add_argument("--train", required=True, help="checkpoint directory written by `masksam train`")
+    p.add_argument("--train", required=True, help="training directory written by `masksam train`")
     p.add_argument("--out", help="output directory (default: params.yaml export.out); replaced when it "
                    "is new, empty or an earlier export")
     p.add_argument("--force", action="store_true",

@@ -128,7 +128,7 @@ class ModelParams:
     use_aux_boxes: Optional[bool] = None
     use_aux_class_tokens: Optional[bool] = None
     freeze_sam: Optional[bool] = None
-    checkpoint: Optional[str] = None       # path of sam_vit_{b,l,h}_*.pth (the official weights)
+    sam_weights: Optional[str] = None      # path of sam_vit_{b,l,h}_*.pth (the official weights)
     decoder_mode: Optional[str] = None
     normalize_class_probs: Optional[bool] = None
     encoder_adapter: Optional[str] = None
@@ -477,7 +477,7 @@ def _at_least(value: int, low: int, where: str, key: str) -> None:
 
 
 # keys that moved to another section: the old place names the new one
-MOVED = {"train.num_points": "loss.num_points"}
+MOVED = {"train.num_points": "loss.num_points", "model.checkpoint": "model.sam_weights"}
 
 
 def _suggest(name: str, known: Iterable[str], prefix: str = "") -> str:

@@ -392,7 +392,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         "when the new version beats the current champion's mean Dice on the same test set; else "
         "the version gets the challenger alias. The tracking server is MLFLOW_TRACKING_URI "
         "(default sqlite:///mlflow.db).")
-    p.add_argument("--train", required=True, help="checkpoint directory of the training run")
+    p.add_argument("--train", required=True, help="training directory of the training run")
     p.add_argument("--export", required=True, help="directory written by masksam export")
     p.add_argument("--eval", required=True, help="evaluation summary JSON written by masksam evaluate")
     p.add_argument("--result", help="also write the decision (version, alias it got, models:/NAME/VERSION, "

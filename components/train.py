@@ -1,4 +1,4 @@
-"""``masksam train``: fit MaskSAM on a preprocessed dataset and write a checkpoint directory.
+"""``masksam train``: fit MaskSAM on a preprocessed dataset and write a training directory.
 
 The loop is nnU-Net's in spirit: random slabs with foreground oversampling and in-plane
 augmentation, AdamW with a poly learning-rate schedule, gradient clipping, mixed precision on
@@ -6,7 +6,7 @@ CUDA, gradient accumulation, periodic whole-volume validation Dice (sliding wind
 fold's validation cases, and checkpoints (last and best) that resume a run exactly. Launched by
 ``torchrun`` it trains with DistributedDataParallel (rank 0 validates, logs and saves).
 
-Outputs (docs/architecture.md, "checkpoint directory"): ``model_config.json``, ``plan.json``,
+Outputs (docs/architecture.md, "training directory"): ``model_config.json``, ``plan.json``,
 ``checkpoint_last.pt``, ``checkpoint_best.pt``, ``model.safetensors`` (best weights),
 ``train_summary.json``, ``history.csv``, ``learning_curve.png``, ``overlays/*.png``; and one
 MLflow run with parameters, per-step metrics, lineage tags and these artifacts.
@@ -416,7 +416,7 @@ def train(
     tracking: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train MaskSAM on fold ``cfg.fold`` of ``preprocessed``; write the checkpoint dir ``out``.
+    """Train MaskSAM on fold ``cfg.fold`` of ``preprocessed``; write the training dir ``out``.
 
     ``model_params`` is params.yaml's ``model:`` section (MaskSAMConfig keys), ``cfg`` its
     ``train:`` and ``loss`` its ``loss:`` section (default: the built-in defaults); ``params``
@@ -735,12 +735,12 @@ def _build_model(mcfg) -> torch.nn.Module:
     """``build_masksam``, with a SAM checkpoint that is missing, unreadable, not a state dict
     of tensors (refused by ``torch.load(weights_only=True)``) or of another variant turned into
     a UserError naming the file."""
-    from masksam.model import CheckpointError, build_masksam
+    from masksam.model import WeightsError, build_masksam
 
     try:
-        return build_masksam(mcfg, checkpoint=mcfg.checkpoint)
-    except (CheckpointError, FileNotFoundError) as exc:
-        raise UserError(f"--checkpoint / model.checkpoint: {exc}") from exc
+        return build_masksam(mcfg, sam_weights=mcfg.sam_weights)
+    except (WeightsError, FileNotFoundError) as exc:
+        raise UserError(f"--sam-weights / model.sam_weights: {exc}") from exc
 
 
 def _track(tracker: RunLogger, metrics: dict[str, float], step: int) -> None:
@@ -781,7 +781,7 @@ def _worker_init(worker_id: int) -> None:
 # ----------------------------------------------------------------------------------------------
 
 # command-line options that override one key of the params (file < --set < these options)
-_MODEL_OPTS = ("variant", "img_size", "patch_size", "slab_depth", "num_queries", "checkpoint")
+_MODEL_OPTS = ("variant", "img_size", "patch_size", "slab_depth", "num_queries", "sam_weights")
 _TRAIN_OPTS = ("fold", "seed", "device", "precision", "batch_size", "grad_accum", "lr", "steps", "val_every",
                "num_workers", "experiment", "tracking_timeout_s")
 
@@ -842,7 +842,7 @@ def dry_run(p: Params, *, num_classes: int | None = None, in_channels: int | Non
     """Build the network and the training recipe of params ``p`` without any data; print the
     parameter report, the resolved recipe and, as the last line, one JSON object with them.
 
-    Random weights on the meta device (real counts, no memory, no time) unless ``model.checkpoint``
+    Random weights on the meta device (real counts, no memory, no time) unless ``model.sam_weights``
     names a SAM checkpoint, which is then loaded for real (checked like training does).
     """
     import json
@@ -861,7 +861,7 @@ def dry_run(p: Params, *, num_classes: int | None = None, in_channels: int | Non
                                         "in_channels": in_channels or 1})
     except (TypeError, ValueError) as exc:
         raise UserError(f"{p.source}: invalid model: section ({exc})") from exc
-    if mcfg.checkpoint:
+    if mcfg.sam_weights:
         model = _build_model(mcfg)
     else:
         with torch.device("meta"):
@@ -873,13 +873,13 @@ def dry_run(p: Params, *, num_classes: int | None = None, in_channels: int | Non
     resolved = recipe(p.train, p.loss, mcfg)
     print(f"MaskSAM {mcfg.variant}, {mcfg.slab_depth} x {mcfg.img_size} x {mcfg.img_size} slabs, "
           f"{mcfg.num_queries} queries, {num_classes} classes ({classes_from}), "
-          f"{'SAM weights ' + str(mcfg.checkpoint) if mcfg.checkpoint else 'random weights'}; params {p.source}")
+          f"{'SAM weights ' + str(mcfg.sam_weights) if mcfg.sam_weights else 'random weights'}; params {p.source}")
     print(format_parameter_report(report))
     print(yaml.safe_dump({"model": mcfg.to_dict(), "recipe": resolved}, sort_keys=False).rstrip())
     print(json.dumps({
         "variant": mcfg.variant, "img_size": mcfg.img_size, "patch_size": mcfg.patch_size,
         "slab_depth": mcfg.slab_depth, "num_queries": mcfg.num_queries, "num_classes": num_classes,
-        "in_channels": mcfg.in_channels, "weights": mcfg.checkpoint or "random",
+        "in_channels": mcfg.in_channels, "weights": mcfg.sam_weights or "random",
         "total_parameters": report["total"], "trainable_parameters": report["trainable"],
         "trainable_by_part": {g: d["trainable"] for g, d in report["groups"].items()},
         **resolved, "params": p.source,
@@ -891,17 +891,17 @@ def register_cli(subparsers) -> None:
     from masksam.components.params import add_params_arguments
 
     p = subparsers.add_parser(
-        "train", help="train MaskSAM on a preprocessed dataset (checkpoint dir + MLflow run)",
+        "train", help="train MaskSAM on a preprocessed dataset (training dir + MLflow run)",
         description="Train MaskSAM on one fold of a preprocessed dataset. Reads the model:, train: and "
         "loss: sections of --params; --set section.key=value and the explicit options override them. "
-        "Writes the checkpoint directory (model_config.json, plan.json, checkpoint_last/best.pt, "
+        "Writes the training directory (model_config.json, plan.json, checkpoint_last/best.pt, "
         "model.safetensors, train_summary.json, history.csv, learning_curve.png, overlays/) and one MLflow "
         "run (MLFLOW_TRACKING_URI, default sqlite:///mlflow.db). Launch with `torchrun "
         "--nproc_per_node=N -m masksam train ...` for distributed data parallel training. --dry-run "
         "builds the network and the recipe without data and prints their report.")
     add_params_arguments(p)
     p.add_argument("--dry-run", dest="dry_run", action="store_true",
-                   help="build the model (random weights unless model.checkpoint / --checkpoint names a SAM "
+                   help="build the model (random weights unless model.sam_weights / --sam-weights names a SAM "
                    "checkpoint) and the loss, matcher and optimiser, print the parameter report and the "
                    "resolved recipe, the last line one JSON object; needs no data, trains nothing")
     p.add_argument("--num-classes", dest="num_classes", type=int,
@@ -912,7 +912,7 @@ def register_cli(subparsers) -> None:
                    help="--dry-run only: input channels (training reads them from the dataset; default 1)")
     p.add_argument("--preprocessed", help="preprocessed dataset dir (default: preprocess.out of --params)")
     p.add_argument("--raw", help="raw dataset dir, for its manifest hash in MLflow (default: data.out)")
-    p.add_argument("--out", help="checkpoint directory to write (default: train.out)")
+    p.add_argument("--out", help="training directory to write (default: train.out)")
     p.add_argument("--fold", type=int, help="cross-validation fold of splits.json to train on")
     p.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoint_last.pt")
     p.add_argument("--steps", type=int, help="number of optimiser steps")
@@ -938,5 +938,5 @@ def register_cli(subparsers) -> None:
                    help="ViT patch size in pixels (tiny only: 8 or 16; SAM variants keep 16)")
     p.add_argument("--slab-depth", dest="slab_depth", type=int, help="slices per slab (T)")
     p.add_argument("--num-queries", dest="num_queries", type=int, help="mask queries")
-    p.add_argument("--checkpoint", help="official SAM checkpoint (sam_vit_*.pth) to start from")
+    p.add_argument("--sam-weights", help="official SAM weights (sam_vit_*.pth) to start from (model.sam_weights)")
     p.set_defaults(func=_run)

@@ -28,7 +28,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "preprocess": ("masksam.components.preprocess",
                    "fingerprint, plan and preprocess a raw dataset (nnU-Net v2 style)"),
     "train": ("masksam.components.train",
-              "train MaskSAM on a preprocessed dataset (checkpoint dir + MLflow run)"),
+              "train MaskSAM on a preprocessed dataset (training dir + MLflow run)"),
     "evaluate": ("masksam.components.evaluate",
                  "score predicted label maps against references (Dice, HD95, NSD)"),
     "baseline": ("masksam.components.baseline",

@@ -65,11 +65,11 @@ def _stem(in_channels: int, kind: str = "linear") -> nn.Module:
     return conv
 
 
-def build_masksam(cfg: MaskSAMConfig, checkpoint: Optional[str] = None, allow_missing: bool = False) -> MaskSAM:
-    """Build MaskSAM for ``cfg``; load SAM weights from ``checkpoint`` (or ``cfg.checkpoint``).
+def build_masksam(cfg: MaskSAMConfig, sam_weights: Optional[str] = None, allow_missing: bool = False) -> MaskSAM:
+    """Build MaskSAM for ``cfg``; load SAM weights from ``sam_weights`` (or ``cfg.sam_weights``).
 
     The freezing policy (``cfg.freeze_sam``) is applied last. Loading is strict about SAM's
-    keys (see :func:`masksam.model.checkpoint.load_sam_checkpoint`).
+    keys (see :func:`masksam.model.weights.load_sam_weights`).
     """
     spec = VARIANTS[cfg.variant]
     grid = cfg.img_size // cfg.patch_size
@@ -118,11 +118,11 @@ def build_masksam(cfg: MaskSAMConfig, checkpoint: Optional[str] = None, allow_mi
         cfg, stem=_stem(cfg.in_channels, cfg.stem), image_encoder=encoder, prompt_generator=prompt_generator,
         prompt_encoder=prompt_encoder, mask_decoder=decoder, mask_upsampler=upsampler,
     )
-    ckpt = checkpoint if checkpoint is not None else cfg.checkpoint
+    ckpt = sam_weights if sam_weights is not None else cfg.sam_weights
     if ckpt is not None:
-        from .checkpoint import load_sam_checkpoint
+        from .weights import load_sam_weights
 
-        load_sam_checkpoint(model, ckpt, allow_missing=allow_missing)
+        load_sam_weights(model, ckpt, allow_missing=allow_missing)
     apply_freezing(model, cfg.freeze_sam, use_boxes=cfg.use_aux_boxes)
     return model
 

@@ -48,7 +48,7 @@ class MaskSAMConfig:
     use_aux_class_tokens: bool = True
     # True = the paper's policy (SAM weights frozen); the randomly initialised demo trains all
     freeze_sam: bool = True
-    checkpoint: Optional[str] = None
+    sam_weights: Optional[str] = None  # official SAM weights (sam_vit_*.pth) to start from
     # "batched": one decoder call over all slices x queries (default, fast); "loop": the
     # reference design, one SAM decoder call per (batch, slice, query); same results.
     decoder_mode: str = "batched"
@@ -121,6 +121,8 @@ class MaskSAMConfig:
     def from_dict(cls, d: dict[str, Any]) -> "MaskSAMConfig":
         """Build from a dict (e.g. params.yaml's ``model`` section); unknown keys are an error."""
         known = {f.name for f in fields(cls)}
+        if "checkpoint" in d and "sam_weights" not in d:  # the field's name before 0.1 (model_config.json)
+            d = {("sam_weights" if k == "checkpoint" else k): v for k, v in d.items()}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown MaskSAMConfig keys {unknown}; known keys: {sorted(known)}")

@@ -288,7 +288,7 @@ def preprocess(raw_dir: str, out_dir: str, params_json: str, overrides: str, rep
 
 
 def read_train_summary(model_dir: str | os.PathLike) -> dict[str, Any]:
-    """``train_summary.json`` of a checkpoint directory; missing means training did not finish."""
+    """``train_summary.json`` of a training directory; missing means training did not finish."""
     summary = _read_json(Path(model_dir) / "train_summary.json")
     if summary is None:
         raise RuntimeError(f"{model_dir}/train_summary.json missing: training did not finish")

@@ -4,7 +4,7 @@ The pipeline's train task then only launches: it copies the preprocessed dataset
 PersistentVolumeClaim, creates a ``trainer.kubeflow.org/v1alpha1`` TrainJob that runs
 ``torchrun -m masksam train ...`` on ``numNodes`` nodes with ``nvidia.com/gpu`` GPUs each
 (the ``torch-distributed`` ClusterTrainingRuntime sets torchrun's rendezvous environment),
-waits for it, and copies the checkpoint directory back as the task's Model artifact.
+waits for it, and copies the training directory back as the task's Model artifact.
 
 The manifest follows the Trainer v2.2 API (``spec.runtimeRef``, ``spec.trainer``, and
 ``spec.runtimePatches`` to mount the volume in the runtime's ``node`` container). It is checked

@@ -1,7 +1,7 @@
 """Tiny real artefacts shared by the prediction/export/register/serve tests.
 
 A four-case CT-like dataset in the nnU-Net raw layout, run through the real ``preprocess``, and a
-checkpoint directory holding a randomly initialised ``tiny`` MaskSAM (img_size 32) in the exact
+training directory holding a randomly initialised ``tiny`` MaskSAM (img_size 32) in the exact
 layout ``masksam train`` writes. The model is untrained: these tests check plumbing, geometry and
 parity, not accuracy.
 """
@@ -70,9 +70,9 @@ def make_preprocessed(root: Path) -> Path:
     return out
 
 
-def make_checkpoint_dir(root: Path, preprocessed: Path, seed: int = 0, img_size: int = 32,
+def make_training_dir(root: Path, preprocessed: Path, seed: int = 0, img_size: int = 32,
                         slab_depth: int = 4) -> Path:
-    """A checkpoint directory as `masksam train` writes it, with random tiny weights."""
+    """A training directory as `masksam train` writes it, with random tiny weights."""
     import torch
     from safetensors.torch import save_file
 
@@ -112,7 +112,7 @@ def preprocessed(delivery_root) -> Path:
 
 @pytest.fixture(scope="session")
 def train_dir(delivery_root, preprocessed) -> Path:
-    return make_checkpoint_dir(delivery_root, preprocessed)
+    return make_training_dir(delivery_root, preprocessed)
 
 
 @pytest.fixture(scope="session")

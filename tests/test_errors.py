@@ -80,18 +80,18 @@ def test_train_checkpoint_with_python_objects_is_refused_unrun(train_params, tmp
 
     evil = tmp_path / "evil.pth"
     torch.save({"image_encoder.pos_embed": Payload()}, evil)
-    assert _train(train_params, "--checkpoint", str(evil)) == 2
+    assert _train(train_params, "--sam-weights", str(evil)) == 2
     err = capsys.readouterr().err
-    assert f"checkpoint {evil} holds Python objects other than tensors" in err and err.count("\n") == 1
+    assert f"SAM weights {evil} holds Python objects other than tensors" in err and err.count("\n") == 1
     assert not marker.exists()
 
     not_tensors = tmp_path / "lists.pth"
     torch.save({"image_encoder.pos_embed": [1, 2, 3]}, not_tensors)
-    assert _train(train_params, "--checkpoint", str(not_tensors)) == 2
+    assert _train(train_params, "--sam-weights", str(not_tensors)) == 2
     err = capsys.readouterr().err
-    assert f"checkpoint {not_tensors} does not hold a state dict" in err and err.count("\n") == 1
+    assert f"SAM weights {not_tensors} does not hold a state dict" in err and err.count("\n") == 1
 
-    assert _train(train_params, "--checkpoint", str(tmp_path / "missing.pth")) == 2
+    assert _train(train_params, "--sam-weights", str(tmp_path / "missing.pth")) == 2
     assert "missing.pth does not exist" in capsys.readouterr().err
 
 

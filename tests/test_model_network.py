@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from masksam.model import (
-    CheckpointError,
+    WeightsError,
     MaskSAMConfig,
     build_masksam,
     load_masksam_state,
@@ -187,7 +187,7 @@ def test_state_file_roundtrip(tmp_path):
     x = torch.randn(1, 1, 4, 64, 64)
     torch.testing.assert_close(m(x)["pred_masks"], m2(x)["pred_masks"])
     other = _tiny(num_classes=5)
-    with pytest.raises(CheckpointError, match="mask_decoder.cls_head.weight"):
+    with pytest.raises(WeightsError, match="mask_decoder.cls_head.weight"):
         load_masksam_state(other, path)
 
 

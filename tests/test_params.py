@@ -172,9 +172,9 @@ def test_sections_are_frozen():
 
 def test_overrides_as_set_strings_and_as_mapping(tmp_path):
     path = write(tmp_path, "train:\n  steps: 5\n")
-    params = P.load_params(path, ["train.steps=2", "data.size=[32, 32, 8]", "model.checkpoint=null",
+    params = P.load_params(path, ["train.steps=2", "data.size=[32, 32, 8]", "model.sam_weights=null",
                                   "evaluate.mirror=true", "loss.cost_giou=1"])
-    assert params.train.steps == 2 and params.data.size == [32, 32, 8] and params.model.checkpoint is None
+    assert params.train.steps == 2 and params.data.size == [32, 32, 8] and params.model.sam_weights is None
     assert params.evaluate.mirror is True and params.loss.cost_giou == 1.0
     assert P.load_params(path, {"train.steps": 3, "register.min_dice": 0.7}).register.min_dice == 0.7
     assert path.read_text() == "train:\n  steps: 5\n"  # the file is not touched
@@ -229,3 +229,15 @@ def test_phantom_verb_reads_params_and_set(tmp_path, monkeypatch):
     assert main(["data", "phantom", "--cases", "1", "--out", "flag", "--no-progress"]) == 0
     assert len(list((tmp_path / "flag" / "imagesTr").iterdir())) == 1
     assert main(["data", "phantom", "--set", "data.cases=x", "--no-progress"]) == 2
+
+
+def test_renamed_sam_weights_key_says_where_it_went(tmp_path):
+    """"checkpoint" means only the resume state now: model.checkpoint (SAM's weights) is refused
+    with its new name, and an old training directory's model_config.json still loads."""
+    from masksam.model.config import MaskSAMConfig
+
+    path = tmp_path / "p.yaml"
+    path.write_text("model:\n  checkpoint: /models/sam_vit_b_01ec64.pth\n")
+    with pytest.raises(UserError, match="model.sam_weights"):
+        P.load_params(path)
+    assert MaskSAMConfig.from_dict({"variant": "tiny", "checkpoint": None}).sam_weights is None

@@ -351,8 +351,8 @@ def test_overrides_apply_and_refuse_unknown_sections(tmp_path):
 def test_set_options_parse_yaml_values():
     from masksam.components.params import parse_set_options
 
-    assert parse_set_options(["train.steps=2", "data.size=[32, 32, 8]", "model.checkpoint=null"]) == {
-        "train.steps": 2, "data.size": [32, 32, 8], "model.checkpoint": None}
+    assert parse_set_options(["train.steps=2", "data.size=[32, 32, 8]", "model.sam_weights=null"]) == {
+        "train.steps": 2, "data.size": [32, 32, 8], "model.sam_weights": None}
     with pytest.raises(UserError):
         parse_set_options(["train.steps"])
     assert pcli.parse_params(["accelerator_count=4", "data_rev=v1.0", "data_repo_url="]) == {

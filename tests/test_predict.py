@@ -82,7 +82,7 @@ def test_predictions_open_by_name_in_slicer_and_itksnap(tmp_path, export_dir):  
     assert sorted(p.name for p in bare.iterdir()) == ["scan_a.json", "scan_a.nrrd"]
 
 
-def test_checkpoint_dir_and_onnx_agree(tmp_path, train_dir, export_dir):  # noqa: F811
+def test_training_dir_and_onnx_agree(tmp_path, train_dir, export_dir):  # noqa: F811
     from masksam.components.predict import predict
 
     img, _ = phantom_ct(3)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from _delivery_fixtures import (delivery_root, export_dir, make_checkpoint_dir, phantom_ct,  # noqa: F401
+from _delivery_fixtures import (delivery_root, export_dir, make_training_dir, phantom_ct,  # noqa: F401
                                 preprocessed, train_dir)
 from masksam.components._io import sha256_file
 from masksam.components.predictor import Member, Predictor
@@ -33,7 +33,7 @@ def _case(preprocessed_dir: Path) -> np.ndarray:  # noqa: F811
 @pytest.fixture(scope="module")
 def second_train_dir(tmp_path_factory, preprocessed):  # noqa: F811
     """Another random tiny model (seed 1) on the same plan: an ensemble member."""
-    return make_checkpoint_dir(tmp_path_factory.mktemp("second"), preprocessed, seed=1)
+    return make_training_dir(tmp_path_factory.mktemp("second"), preprocessed, seed=1)
 
 
 @pytest.fixture()

@@ -1,4 +1,4 @@
-"""`masksam train` end to end on tiny real data: checkpoint dir, MLflow run, repeatability,
+"""`masksam train` end to end on tiny real data: training dir, MLflow run, repeatability,
 exact resume after SIGKILL, and clear errors for broken inputs."""
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def _params_file(tmp_path: Path, preprocessed: Path, out: Path, **train_over) ->
     return path
 
 
-def test_train_writes_checkpoint_dir_and_mlflow_run(preprocessed, tmp_path, monkeypatch):
+def test_train_writes_training_dir_and_mlflow_run(preprocessed, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     monkeypatch.chdir(tmp_path)

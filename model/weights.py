@@ -1,9 +1,12 @@
-"""SAM checkpoint loading (strict about SAM's keys, size-adapted) and MaskSAM state files.
+"""Weight files: SAM's official weights (strict about SAM's keys, size-adapted) and MaskSAM's own.
 
-SAM checkpoints (``sam_vit_{b,l,h}_*.pth``) are plain state dicts written by
+In this project "checkpoint" means only the resume state of a training run
+(``checkpoint_last.pt``, components/_checkpoint.py); what a training starts from is "SAM weights",
+and what it ends with is a "training directory". SAM's weights (``sam_vit_{b,l,h}_*.pth``) are
+plain state dicts written by
 segment-anything; they are read with ``torch.load(weights_only=True)`` (tensors only, no code
 execution). Every SAM key must match a parameter of the model by name and shape: a missing,
-unexpected or mis-shaped key raises :class:`CheckpointError` naming them (the public reference
+unexpected or mis-shaped key raises :class:`WeightsError` naming them (the public reference
 code's non-strict load hid such errors). MaskSAM's own additions are reported as freshly
 initialised.
 
@@ -40,7 +43,7 @@ log = logging.getLogger(__name__)
 _MAX_LISTED = 20
 
 
-class CheckpointError(ValueError):
+class WeightsError(ValueError):
     """A checkpoint that does not fit the model; ``missing``/``unexpected``/``mismatched``
     hold every offending key (the message lists the first ones)."""
 
@@ -53,7 +56,7 @@ class CheckpointError(ValueError):
 
 @dataclass
 class LoadReport:
-    """What :func:`load_sam_checkpoint` did."""
+    """What :func:`load_sam_weights` did."""
 
     path: str
     loaded: list[str] = field(default_factory=list)
@@ -79,25 +82,25 @@ def _names(keys: list[str]) -> str:
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a state dict with ``torch.load(weights_only=True)``; unwrap ``{"model": ...}`` /
-    ``{"state_dict": ...}`` containers. Raises FileNotFoundError / CheckpointError."""
+    ``{"state_dict": ...}`` containers. Raises FileNotFoundError / WeightsError."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist; give the path of a sam_vit_*.pth file")
+        raise FileNotFoundError(f"SAM weights {path} does not exist; give the path of a sam_vit_*.pth file")
     try:
         obj: Any = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # objects other than tensors: refused, none of it ran
-        raise CheckpointError(
-            f"checkpoint {path} holds Python objects other than tensors and was refused (it is read with "
+        raise WeightsError(
+            f"SAM weights {path} holds Python objects other than tensors and was refused (it is read with "
             "torch.load(weights_only=True), which runs no pickled code); give a state dict of tensors "
             "such as an official sam_vit_*.pth") from e
     except Exception as e:  # truncated zip, not a torch file ...
         first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise CheckpointError(f"checkpoint {path} cannot be read as a torch state dict ({type(e).__name__}: {first})") from e
+        raise WeightsError(f"SAM weights {path} cannot be read as a torch state dict ({type(e).__name__}: {first})") from e
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
             obj = obj[wrapper]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"checkpoint {path} does not hold a state dict (name -> tensor)")
+        raise WeightsError(f"SAM weights {path} does not hold a state dict (name -> tensor)")
     return dict(obj)
 
 
@@ -122,7 +125,7 @@ def adapt_position_tables(
     pe = sd.get("image_encoder.pos_embed")
     if pe is not None and pe.dim() == 4 and pe.shape[1] != grid and pos_embed == "crop":
         if pe.shape[1] < grid or pe.shape[2] < grid:
-            raise CheckpointError(
+            raise WeightsError(
                 f"pos_embed: crop needs a token grid of at most {pe.shape[1]}x{pe.shape[2]} (SAM's), got "
                 f"{grid}x{grid}; use pos_embed: interpolate for inputs above {pe.shape[1] * 16} px")
         out["image_encoder.pos_embed"] = pe[:, :grid, :grid].contiguous()
@@ -144,12 +147,12 @@ def adapt_position_tables(
     return out, changed
 
 
-def load_sam_checkpoint(model: nn.Module, path: str | os.PathLike, allow_missing: bool = False) -> LoadReport:
+def load_sam_weights(model: nn.Module, path: str | os.PathLike, allow_missing: bool = False) -> LoadReport:
     """Load a segment-anything checkpoint into MaskSAM's SAM parts (strict unless allowed).
 
     Every key of the checkpoint must be one of the model's SAM keys with the same shape (after
     the position-table adaptation) and every SAM key of the model must be present; otherwise
-    :class:`CheckpointError` lists the offending names (``allow_missing=True`` loads what fits
+    :class:`WeightsError` lists the offending names (``allow_missing=True`` loads what fits
     and only reports). MaskSAM's additions are left as initialised and listed in the report.
     """
     path = os.fspath(path)
@@ -179,8 +182,8 @@ def load_sam_checkpoint(model: nn.Module, path: str | os.PathLike, allow_missing
             parts.append(f"unexpected keys ({len(unexpected)}): {_names(unexpected)}")
         if mismatched:
             parts.append(f"shape mismatches ({len(mismatched)}): {_names(mismatched)}")
-        raise CheckpointError(
-            f"checkpoint {path} does not match MaskSAM {cfg.variant} at img_size {cfg.img_size}: "
+        raise WeightsError(
+            f"SAM weights {path} does not match MaskSAM {cfg.variant} at img_size {cfg.img_size}: "
             + "; ".join(parts) + "." + hint + " Use the sam_vit_* file of the configured variant.",
             missing, unexpected, mismatched,
         )
@@ -189,7 +192,7 @@ def load_sam_checkpoint(model: nn.Module, path: str | os.PathLike, allow_missing
     result = model.load_state_dict(load, strict=False)
     leftover = [k for k in result.missing_keys if not is_new_parameter(k) and k not in missing and k not in bad]
     if leftover or result.unexpected_keys:  # defensive: the key sets above must agree with torch's
-        raise CheckpointError(f"checkpoint {path}: internal key mismatch {leftover + list(result.unexpected_keys)}")
+        raise WeightsError(f"SAM weights {path}: internal key mismatch {leftover + list(result.unexpected_keys)}")
     report.loaded = sorted(load)
     log.info(report.summary())
     return report
@@ -211,13 +214,13 @@ def read_masksam_config(path: str | os.PathLike) -> MaskSAMConfig:
     with safe_open(os.fspath(path), framework="pt") as f:
         meta = f.metadata() or {}
     if "masksam_config" not in meta:
-        raise CheckpointError(f"{path} carries no MaskSAM config (not written by save_masksam_state)")
+        raise WeightsError(f"{path} carries no MaskSAM config (not written by save_masksam_state)")
     return MaskSAMConfig.from_dict(json.loads(meta["masksam_config"]))
 
 
 def load_masksam_state(model: nn.Module, path: str | os.PathLike) -> None:
     """Load a MaskSAM state dict (safetensors, or a torch file read with weights_only=True),
-    strictly: any missing or unexpected key raises :class:`CheckpointError` naming it."""
+    strictly: any missing or unexpected key raises :class:`WeightsError` naming it."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"MaskSAM weights {path} do not exist")
@@ -227,7 +230,7 @@ def load_masksam_state(model: nn.Module, path: str | os.PathLike) -> None:
         try:
             sd = load_file(path)
         except Exception as e:
-            raise CheckpointError(f"{path} cannot be read as safetensors ({type(e).__name__}: {e})") from e
+            raise WeightsError(f"{path} cannot be read as safetensors ({type(e).__name__}: {e})") from e
     else:
         sd = read_state_dict(path)
     own = model.state_dict()
@@ -235,7 +238,7 @@ def load_masksam_state(model: nn.Module, path: str | os.PathLike) -> None:
     unexpected = [k for k in sd if k not in own]
     mismatched = [f"{k} ({tuple(sd[k].shape)} vs {tuple(own[k].shape)})" for k in own if k in sd and sd[k].shape != own[k].shape]
     if missing or unexpected or mismatched:
-        raise CheckpointError(
+        raise WeightsError(
             f"MaskSAM weights {path} do not fit this model: missing ({len(missing)}): {_names(missing)}; "
             f"unexpected ({len(unexpected)}): {_names(unexpected)}; mismatched: {_names(mismatched)}",
             missing, unexpected, mismatched,

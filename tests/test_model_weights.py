@@ -10,9 +10,9 @@ from segment_anything import sam_model_registry
 from segment_anything.build_sam import _build_sam
 from segment_anything.modeling import ImageEncoderViT
 
-from masksam.model import CheckpointError, MaskSAMConfig, build_masksam, parameter_report
+from masksam.model import WeightsError, MaskSAMConfig, build_masksam, parameter_report
 from masksam.model.build import VARIANTS
-from masksam.model.checkpoint import adapt_position_tables, infer_sam_variant
+from masksam.model.weights import adapt_position_tables, infer_sam_variant
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def vit_b_ckpt(tmp_path_factory):
 def test_vit_b_checkpoint_loads_at_sizes(vit_b_ckpt, size):
     path, sd = vit_b_ckpt
     cfg = MaskSAMConfig(variant="vit_b", img_size=size, slab_depth=2, num_classes=3, num_queries=2)
-    m = build_masksam(cfg, checkpoint=str(path))
+    m = build_masksam(cfg, sam_weights=str(path))
     own = m.state_dict()
     g = size // 16
     assert own["image_encoder.pos_embed"].shape == (1, g, g, 768)
@@ -49,11 +49,11 @@ def test_vit_b_checkpoint_loads_at_sizes(vit_b_ckpt, size):
 
 
 def test_report_lists_fresh_parameters(vit_b_ckpt):
-    from masksam.model.checkpoint import load_sam_checkpoint
+    from masksam.model.weights import load_sam_weights
 
     path, _ = vit_b_ckpt
     m = build_masksam(MaskSAMConfig(variant="vit_b", img_size=256, slab_depth=2, num_classes=3, num_queries=2))
-    rep = load_sam_checkpoint(m, path)
+    rep = load_sam_weights(m, path)
     assert not rep.missing and not rep.unexpected and not rep.mismatched
     assert "mask_decoder.cls_head.weight" in rep.new_parameters
     assert "image_encoder.blocks.0.adapter.up.weight" in rep.new_parameters
@@ -70,25 +70,25 @@ def test_wrong_variant_and_corrupt_checkpoints_name_the_keys(vit_b_ckpt, tmp_pat
     small = _build_sam(768, 6, 12, [2, 5])
     p_small = tmp_path / "sam_small.pth"
     torch.save(small.state_dict(), p_small)
-    with pytest.raises(CheckpointError, match=r"missing keys \(\d+\): image_encoder\.blocks\.6\.") as e:
-        build_masksam(cfg, checkpoint=str(p_small))
+    with pytest.raises(WeightsError, match=r"missing keys \(\d+\): image_encoder\.blocks\.6\.") as e:
+        build_masksam(cfg, sam_weights=str(p_small))
     assert "image_encoder.blocks.11.mlp.lin2.bias" in e.value.missing
     # extra / renamed keys
     bad = dict(sd)
     bad["image_encoder.blocks.0.attn.qkv.weigth"] = bad.pop("image_encoder.blocks.0.attn.qkv.weight")
     p_bad = tmp_path / "renamed.pth"
     torch.save(bad, p_bad)
-    with pytest.raises(CheckpointError, match=r"unexpected keys \(1\): image_encoder\.blocks\.0\.attn\.qkv\.weigth"):
-        build_masksam(cfg, checkpoint=str(p_bad))
+    with pytest.raises(WeightsError, match=r"unexpected keys \(1\): image_encoder\.blocks\.0\.attn\.qkv\.weigth"):
+        build_masksam(cfg, sam_weights=str(p_bad))
     # truncated file
     p_trunc = tmp_path / "trunc.pth"
     p_trunc.write_bytes(path.read_bytes()[:4096])
-    with pytest.raises(CheckpointError, match="cannot be read"):
-        build_masksam(cfg, checkpoint=str(p_trunc))
+    with pytest.raises(WeightsError, match="cannot be read"):
+        build_masksam(cfg, sam_weights=str(p_trunc))
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        build_masksam(cfg, checkpoint=str(tmp_path / "nope.pth"))
+        build_masksam(cfg, sam_weights=str(tmp_path / "nope.pth"))
     # allow_missing loads what fits and reports
-    m = build_masksam(cfg, checkpoint=str(p_small), allow_missing=True)
+    m = build_masksam(cfg, sam_weights=str(p_small), allow_missing=True)
     assert m is not None
 
 
@@ -139,11 +139,11 @@ def test_pos_embed_crop_keeps_the_top_left_of_sams_table(vit_b_ckpt):
     the global blocks' relative tables are resampled either way."""
     path, sd = vit_b_ckpt
     cfg = MaskSAMConfig(variant="vit_b", img_size=256, slab_depth=2, num_classes=3, num_queries=2, pos_embed="crop")
-    m = build_masksam(cfg, checkpoint=str(path))
+    m = build_masksam(cfg, sam_weights=str(path))
     own = m.state_dict()
     torch.testing.assert_close(own["image_encoder.pos_embed"], sd["image_encoder.pos_embed"][:, :16, :16])
     assert own["image_encoder.blocks.2.attn.rel_pos_h"].shape == (31, 64)
-    with pytest.raises(CheckpointError, match="pos_embed: crop needs a token grid of at most 64x64"):
+    with pytest.raises(WeightsError, match="pos_embed: crop needs a token grid of at most 64x64"):
         adapt_position_tables({"image_encoder.pos_embed": torch.randn(1, 64, 64, 2)}, 80, (), "crop")
 
 
@@ -162,7 +162,7 @@ def test_rel_pos_adaptation_shapes():
 def test_vit_b_forward_shapes(vit_b_ckpt):
     path, _ = vit_b_ckpt
     m = build_masksam(MaskSAMConfig(variant="vit_b", img_size=256, slab_depth=2, num_classes=3, num_queries=2),
-                      checkpoint=str(path))
+                      sam_weights=str(path))
     with torch.no_grad():
         out = m(torch.randn(1, 1, 2, 256, 256))
     assert out["pred_logits"].shape == (1, 2, 2, 4)
