@@ -335,16 +335,3 @@ def write_image(image, path: str | os.PathLike, compress: bool = True) -> None:
 
     with atomic_path(path) as tmp:
         sitk.WriteImage(image, str(tmp), useCompression=compress)
-
-
-def load_params(path: str | os.PathLike = "params.yaml", section: str | None = None) -> dict:
-    """Raw params.yaml (or one section): kept only for components/train.py until it reads
-    ``masksam.components.params.load_params`` (typed, checked) like every other verb."""
-    from masksam.components.params import read_params_file
-
-    params = read_params_file(path)
-    if section is None:
-        return params
-    if section not in params:
-        raise UserError(f"{path} has no '{section}:' section")
-    return params[section] or {}

@@ -86,12 +86,12 @@ def _child(name: str, forward: bool) -> dict:
     code = f"""
 import json, resource, time, torch
 from pathlib import Path
-from masksam.components._io import load_params
+from masksam.components.params import load_params
 from masksam.components.train import model_config
 from masksam.model import build_masksam, parameter_report
 params = load_params({str(ROOT / path)!r})
 plan = {json.dumps(_plan(labels))}
-cfg = model_config(params["model"], plan)
+cfg = model_config(params.model.config_kwargs(), plan)
 torch.manual_seed(0)
 t0 = time.time(); m = build_masksam(cfg).eval(); build_s = time.time() - t0
 rep = parameter_report(m)
