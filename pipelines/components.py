@@ -89,6 +89,22 @@ def register(model: Input[Model], onnx_model: Input[Model], evaluation: Input[Da
     tasks.run_lightweight("register", locals())
 
 
+def baseline(raw: Input[Dataset], data: Input[Dataset], params: str,
+             evaluation: Output[Dataset], report: Output[Markdown]):
+    """Train and evaluate nnU-Net v2 on the same split and test cases (runs beside train)."""
+    from masksam.pipelines import tasks
+
+    tasks.run_lightweight("baseline", locals())
+
+
+def compare(evaluation: Input[Dataset], baseline: Input[Dataset], params: str,
+            comparison: Output[Dataset], metrics: Output[Metrics], report: Output[Markdown]):
+    """MaskSAM against the baseline on the same cases: paired differences, bootstrap CI, Wilcoxon."""
+    from masksam.pipelines import tasks
+
+    tasks.run_lightweight("compare", locals())
+
+
 def train_trainjob(data: Input[Dataset], raw: Input[Dataset], params: str, image: str,
                    num_nodes: int, gpus_per_node: int, pvc_name: str, runtime: str,
                    mlflow_secret: str, mlflow_secret_keys: str,
@@ -121,6 +137,8 @@ class Components:
     evaluate: Callable
     export: Callable
     register: Callable
+    baseline: Callable
+    compare: Callable
 
 
 KINDS = ("container", "lightweight")

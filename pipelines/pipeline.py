@@ -43,6 +43,8 @@ RESOURCES = {
     "export": ("2", "4", "8Gi", "16Gi"),
     "evaluate": ("2", "4", "16Gi", "32Gi"),
     "register": ("500m", "1", "2Gi", "4Gi"),
+    "baseline": ("4", "8", "32Gi", "64Gi"),
+    "compare": ("500m", "1", "1Gi", "2Gi"),
     "train-trainjob": ("500m", "1", "1Gi", "2Gi"),
 }
 DATA_RETRIES = 3
@@ -101,6 +103,14 @@ def default_params_text(path: str | os.PathLike = "params.yaml") -> str:
     return json.dumps(read_params_file(path), separators=(",", ":"))
 
 
+def _compares(params_text: str) -> bool:
+    """Whether the compiled params name a baseline (``compare.baselines``): the comparison steps
+    are part of the compiled DAG (like the image and the training mode), not a runtime branch."""
+    from masksam.components.params import params_from_dict
+
+    return params_from_dict(json.loads(params_text), "compiled params").compare.enabled
+
+
 def _resources(task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
     """CPU and memory requests (what the scheduler reserves) and limits of ``task``."""
     cpu_req, cpu_lim, mem_req, mem_lim = RESOURCES[name]
@@ -118,6 +128,7 @@ class _Dag:
     accelerators: AcceleratorOptions = AcceleratorOptions()
     checkpoints: CheckpointOptions = CheckpointOptions()
     local_checkpoints: str | None = None
+    compare: bool = False                              # compiled params name a baseline
     created_pvcs: list = field(default_factory=list)   # CreatePVC tasks of this run
 
     def with_mlflow(self, task: dsl.PipelineTask) -> dsl.PipelineTask:
@@ -175,7 +186,18 @@ class _Dag:
                               evaluation=ev.outputs["evaluation"], params=params)
         self.with_mlflow(reg).set_caching_options(False)
         _resources(reg, "register")
-        return reg
+        return reg, ev
+
+    def comparison_steps(self, evaluated, preprocessed, raw, params, accelerator_type) -> None:
+        """nnU-Net v2 on the same split, in parallel with MaskSAM's training (it needs only the
+        preprocessed split), then the paired comparison once MaskSAM's evaluation is in."""
+        base = self.c.baseline(raw=raw, data=preprocessed, params=params)
+        self.with_mlflow(base).set_caching_options(True)
+        self.accelerate(_resources(base, "baseline"), "train", accelerator_type)  # train's accelerators
+        cmp = self.c.compare(evaluation=evaluated.outputs["evaluation"], baseline=base.outputs["evaluation"],
+                             params=params)
+        self.with_mlflow(cmp).set_caching_options(True)
+        _resources(cmp, "compare")
 
     def run(self, inputs: dict, make_train, accelerator_type) -> None:
         """The whole DAG; ``make_train(preprocessed, raw, params)`` adds the training task; the
@@ -187,7 +209,9 @@ class _Dag:
         raw, preprocessed = self.data_steps(resolved)
         trained = self.with_mlflow(make_train(preprocessed, raw, params))
         trained.set_caching_options(True)
-        reg = self.model_steps(trained, preprocessed, raw, params, accelerator_type)
+        reg, evaluated = self.model_steps(trained, preprocessed, raw, params, accelerator_type)
+        if self.compare:
+            self.comparison_steps(evaluated, preprocessed, raw, params, accelerator_type)
         for pvc in self.created_pvcs:
             kubernetes.DeletePVC(pvc_name=pvc.outputs["name"]).after(reg).set_caching_options(False)
 
@@ -249,6 +273,7 @@ def build_pipeline(
     dag = _Dag(make_components(image, kind), mlflow_secret, tuple(mlflow_secret_keys),
                accelerators or AcceleratorOptions(), checkpoints or CheckpointOptions(), local_checkpoints)
     params_default = params_text if params_text is not None else default_params_text()
+    dag.compare = _compares(params_default)
     if trainjob is None:
         return _single_node_pipeline(dag, params_default)
     return _trainjob_pipeline(dag, params_default, image, trainjob)

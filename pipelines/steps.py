@@ -392,6 +392,30 @@ def export(model_dir: str, data_dir: str, out_dir: str, params_json: str, overri
     return sidecar
 
 
+def baseline(raw_dir: str, data_dir: str, out_dir: str, params_json: str, report_path: str) -> dict[str, Any]:
+    """Train and evaluate nnU-Net v2 on the same split and test cases (``masksam baseline``);
+    logged to MLflow beside MaskSAM's runs."""
+    with tempfile.TemporaryDirectory() as tmp:
+        params = write_params(params_json, "{}", tmp)
+        run_verb(["baseline", "--params", params, "--raw", raw_dir, "--preprocessed", data_dir, "--out", out_dir,
+                  "--mlflow", "--no-progress"])
+    summary = json.loads((Path(out_dir) / "summary.json").read_text())
+    fg = summary.get("foreground_mean", {})
+    Path(report_path).write_text(f"# nnU-Net baseline\n\n{summary.get('method')}: {summary.get('n_cases')} test cases, "
+                                 f"foreground mean Dice {fg.get('Dice')}, HD95 {fg.get('HD95')} mm, NSD {fg.get('NSD')}\n")
+    return summary
+
+
+def compare(eval_dir: str, baseline_dir: str, out_dir: str, params_json: str, report_path: str) -> dict[str, Any]:
+    """MaskSAM's evaluation against the baseline's, paired per case (``masksam compare``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        params = write_params(params_json, "{}", tmp)
+        run_verb(["compare", str(Path(eval_dir) / "summary.json"), str(Path(baseline_dir) / "summary.json"),
+                  "--out", out_dir, "--names", "MaskSAM", "nnU-Net", "--params", params, "--mlflow"])
+    Path(report_path).write_text((Path(out_dir) / "compare.md").read_text())
+    return json.loads((Path(out_dir) / "compare.json").read_text())
+
+
 def register(model_dir: str, onnx_dir: str, eval_dir: str, params_json: str, overrides: str,
              report_path: str) -> dict[str, Any]:
     """Register the trained model (with its export and evaluation) in MLflow under name and alias."""

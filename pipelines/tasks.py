@@ -123,6 +123,22 @@ def _register(model: str, onnx_model: str, evaluation: str, params: str, report:
     return TaskResult(parameters={"model_uri": info["model_uri"]})
 
 
+def _baseline(raw: str, data: str, params: str, evaluation: str, report: str) -> TaskResult:
+    from masksam.pipelines import steps
+
+    summary = steps.baseline(raw, data, evaluation, params, report)
+    return TaskResult(metrics={}, metadata={"evaluation": {"method": str(summary.get("method"))}})
+
+
+def _compare(evaluation: str, baseline: str, params: str, comparison: str, metrics: str, report: str) -> TaskResult:
+    from masksam.pipelines import steps
+
+    results = steps.compare(evaluation, baseline, comparison, params, report)
+    scalars = {f"{m}.{key}": float(v) for m, s in results.get("foreground_mean", {}).items()
+               for key, v in (("diff", s.get("diff")), ("p_wilcoxon", s.get("p_wilcoxon"))) if v is not None}
+    return TaskResult(metrics={"metrics": scalars})
+
+
 # Every step that runs a `masksam` verb, by component function name (see components.py).
 TASKS: dict[str, Callable[..., TaskResult]] = {
     "resolve": _resolve,
@@ -133,6 +149,8 @@ TASKS: dict[str, Callable[..., TaskResult]] = {
     "export": _export,
     "evaluate": _evaluate,
     "register": _register,
+    "baseline": _baseline,
+    "compare": _compare,
 }
 
 

@@ -495,3 +495,23 @@ def test_run_verb_works_inside_a_kfp_task_environment(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "manifest.json").read_text())["num_files"] == 1
     with pytest.raises(RuntimeError, match="exit status 2"):
         steps.run_verb(["data", "manifest", tmp_path / "missing", "--no-progress"])
+
+
+def test_comparison_runs_beside_training_when_the_params_name_a_baseline(tmp_path):
+    """compare.baselines: [nnunet] in the compiled params adds nnU-Net's baseline, which needs only
+    the preprocessed split (so it runs in parallel with MaskSAM's training), and the paired
+    comparison after MaskSAM's evaluation; without it neither task exists."""
+    (tmp_path / "on.yaml").write_text(PARAMS + "compare: {baselines: [nnunet]}\n")
+    (tmp_path / "off.yaml").write_text(PARAMS)
+    on, off = (next(yaml.safe_load_all(compile_pipeline(tmp_path / f"{n}.pipeline.yaml", image=IMAGE,
+                                                        params_path=tmp_path / f"{n}.yaml").read_text()))
+               for n in ("on", "off"))
+    assert not {"baseline", "compare"} & set(_tasks(off))
+    tasks = _tasks(on)
+    assert "train" not in tasks["baseline"].get("dependentTasks", [])
+    assert tasks["baseline"]["inputs"]["artifacts"]["data"]["taskOutputArtifact"]["producerTask"] == "preprocess"
+    cmp = tasks["compare"]["inputs"]["artifacts"]
+    assert cmp["evaluation"]["taskOutputArtifact"]["producerTask"] == "evaluate"
+    assert cmp["baseline"]["taskOutputArtifact"]["producerTask"] == "baseline"
+    executor = on["deploymentSpec"]["executors"]["exec-baseline"]["container"]
+    assert executor["command"] == ["masksam", "pipeline", "task", "baseline"] and executor["image"] == IMAGE
