@@ -172,7 +172,10 @@ def test_resume_after_interruption_matches_uninterrupted_run(preprocessed, tmp_p
     assert resumed["best_val_mean_dice"] == ref["best_val_mean_dice"]
 
 
-@pytest.mark.slow
+# heavy (make test-heavy), not in CI's 30 minutes: the fast suite's in-process interruption test
+# checks the same bitwise resume, and the slow suite's kfp.local test kills a real training step
+# (its process group) and checks it resumes at its checkpoint
+@pytest.mark.heavy
 def test_resume_after_sigkill_matches_uninterrupted_run(preprocessed, tmp_path):
     """Kill a CLI training with SIGKILL after its first checkpoint; --resume ends bitwise equal."""
     steps = 6
