@@ -290,8 +290,11 @@ def lineage_tags(plan: Mapping[str, Any] | None = None, raw_dir: str | os.PathLi
     return tags
 
 
-# MLflow 3's UI opens an experiment on its GenAI view (traces, prompts) unless this tag says it
-# holds model training runs; then it opens on the runs table.
+# The experiment's kind as MLflow 3 records it (its UI reads it to pick tabs and hints). Which view
+# a browser opens on (GenAI or "Model training") is a per-browser setting of MLflow 3.17's UI,
+# GenAI by default, whatever this tag says: the links masksam prints carry the
+# ``workflowType=machine_learning`` query that selects the runs view (:func:`ui_url`; seen in
+# headless Chromium by scripts/mlflow_ui_check.py).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 EXPERIMENT_DESCRIPTION = ("MaskSAM: prompt-free SAM for 3D medical image segmentation. Training runs "
@@ -310,6 +313,28 @@ def ensure_experiment(client, name: str) -> str:
     if not tags.get("mlflow.note.content"):
         client.set_experiment_tag(exp_id, "mlflow.note.content", EXPERIMENT_DESCRIPTION)
     return exp_id
+
+
+UI_VIEW_QUERY = "workflowType=machine_learning"
+DEFAULT_UI = "http://127.0.0.1:5000"
+
+
+def ui_url(uri: str, route: str) -> str:
+    """A link into the MLflow UI for ``route`` (e.g. ``experiments/1/runs/ID``, ``models/NAME/
+    versions/3``) that opens on the model-training view. For an http(s) tracking server the link
+    is on that server; for a local store it is on ``mlflow ui --backend-store-uri URI``'s
+    default address (:func:`ui_hint` says so)."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else DEFAULT_UI
+    return f"{base}/#/{route.strip('/')}?{UI_VIEW_QUERY}"
+
+
+def ui_hint(uri: str, route: str) -> str:
+    """One line telling where to look at ``route``: the link, preceded for a local store by the
+    command that serves the UI over it."""
+    link = ui_url(uri, route)
+    if uri.startswith(("http://", "https://")):
+        return link
+    return f"`mlflow ui --backend-store-uri {uri}`, then {link}"
 
 
 def run_context_tags(command: str, tags: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -496,6 +521,18 @@ class RunLogger:
     def log_artifacts(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         if self.run_id and Path(path).is_dir():
             self._call(self.client.log_artifacts, self.run_id, str(path), artifact_path, what=f"log artifacts {path}")
+
+    def ui_link(self) -> str | None:
+        """Where to look at this run in the MLflow UI (:func:`ui_hint`), or None without a run."""
+        if not self.run_id or self.failure is not None:
+            return None
+        try:
+            run = self._call(self.client.get_run, self.run_id, what="get run")
+        except TrackingUnavailable:
+            return None  # a link is never worth failing a run for; the outage is reported elsewhere
+        if run is None:
+            return None
+        return ui_hint(self.uri, f"experiments/{run.info.experiment_id}/runs/{self.run_id}")
 
     def set_tag(self, key: str, value: Any) -> None:
         if self.run_id:

@@ -40,6 +40,7 @@ from masksam.components._resample import (CANONICAL_ORIENTATION, IMAGE_INTERPOLA
 from masksam.components._scan import read_dataset_json
 from masksam.components._splits import make_splits
 from masksam.components._workers import kill_workers, spawn_pool, stop_on_signals
+from masksam.components.data.manifest import build_manifest
 from masksam.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -416,6 +417,9 @@ def preprocess_dataset(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, *
         "version": PLAN_VERSION,
         "masksam_version": __version__,
         "dataset_name": ds.get("name", Path(raw_dir).name),
+        # the raw folder's content identity (manifest.py's hash, whether or not a manifest.json is
+        # there): what the export's sidecar, the model card and the run tags call the training data
+        "dataset_sha256": build_manifest(raw_dir, progress=False)["dataset_sha256"],
         "labels": dict(sorted(ds["labels"].items(), key=lambda kv: kv[1])),
         "channel_names": channels,
         "modalities": {c: fp.modality_of(n) for c, n in channels.items()},

@@ -414,10 +414,13 @@ def _main(args: argparse.Namespace) -> int:
                         alias=pick(args.alias, reg.alias), experiment=pick(args.experiment, params.train.experiment),
                         min_dice=pick(args.min_dice, reg.min_dice))
     print(f"masksam register: version {decision.version} -> @{decision.alias} ({decision.reason})")
+    from masksam.components._tracking import tracking_uri, ui_hint
+
+    name = pick(args.model_name, reg.model_name)
+    print(f"model card and lineage: {ui_hint(tracking_uri(), f'models/{name}/versions/{decision.version}')}")
     if args.result:
         from masksam.components._io import write_json
 
-        name = pick(args.model_name, reg.model_name)
         write_json(args.result, {"model_name": name, "version": decision.version, "alias": decision.alias,
                                  "model_uri": f"models:/{name}/{decision.version}", "reason": decision.reason,
                                  "previous_champion": decision.previous_champion})

@@ -27,6 +27,8 @@ def test_phantom_validate_preprocess_restore(tmp_path, capsys):
     plan = load_plan(out)
     ds = json.loads((raw / "dataset.json").read_text())
     assert plan["labels"] == ds["labels"] and plan["orientation"] == "LPS"
+    # the training data's identity travels with the plan: the phantom's manifest hash
+    assert plan["dataset_sha256"] == json.loads((raw / "manifest.json").read_text())["dataset_sha256"]
     assert plan["cases"] == sorted(p.name[:-7] for p in (raw / "labelsTr").glob("*.nii.gz"))
     splits = json.loads((out / "splits.json").read_text())
     assert len(splits["test"]) == 1 and len(splits["folds"]) == 2

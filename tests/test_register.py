@@ -214,6 +214,10 @@ def test_model_is_logged_from_its_training_run(tracking, tmp_path, train_dir, ex
     assert run.data.tags["mlflow.source.name"] == "masksam train"
     (dataset,) = [i.dataset for i in run.inputs.dataset_inputs]
     assert (dataset.name, dataset.digest) == ("Phantom", manifest["dataset_sha256"][:36])
+    # the model card names the training data by the content hash preprocess recorded in the plan
+    plan = json.loads((trained / "plan.json").read_text())
+    assert version.tags["data.dataset_sha256"] == plan["dataset_sha256"]
+    assert f"content hash `{plan['dataset_sha256'][:16]}`" in version.description
 
 
 def test_register_refuses_a_score_of_another_model(tmp_path, train_dir, export_dir):  # noqa: F811

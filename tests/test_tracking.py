@@ -111,6 +111,19 @@ def test_flatten_and_lineage_tags(tmp_path, monkeypatch):
     assert tags["git_commit"] != "" and tags["segment_anything_version"]
 
 
+def test_ui_links_open_on_the_model_training_view():
+    """MLflow 3.17's UI opens on its GenAI view unless the link asks for the runs view (seen in
+    headless Chromium, scripts/mlflow_ui_check.py): every printed link carries the query."""
+    from masksam.components._tracking import ui_hint, ui_url
+
+    assert ui_url("http://mlflow.example:5000/", "experiments/3/runs/abc") == (
+        "http://mlflow.example:5000/#/experiments/3/runs/abc?workflowType=machine_learning")
+    assert ui_hint("https://mlflow.example", "models/m/versions/2") == (
+        "https://mlflow.example/#/models/m/versions/2?workflowType=machine_learning")
+    local = ui_hint("sqlite:///mlflow.db", "models/m/versions/2")
+    assert local.startswith("`mlflow ui --backend-store-uri sqlite:///mlflow.db`, then http://127.0.0.1:5000/#/")
+
+
 def test_git_commit_unknown_outside_git(tmp_path):
     from masksam.components._tracking import git_commit
 
