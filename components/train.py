@@ -568,7 +568,7 @@ def _start_tracking(run: _Run, params: dict[str, Any] | None, raw_dir: str | os.
         try:
             run.run_id = run.tracker.start(f"train-fold{cfg.fold}", tags, run_id=run.run_id)
             if run.run_id:
-                log.info("MLflow run %s (experiment %s, %s)", run.run_id, cfg.experiment, run.tracker.uri)
+                log.info("MLflow run %s (experiment %s): %s", run.run_id, cfg.experiment, run.tracker.ui_link())
             run.tracker.log_params({**flatten(used), **flatten(derived, "run.")})
             if new_run:
                 run.tracker.log_dataset(raw_dir)
@@ -705,6 +705,7 @@ def _finish(run: _Run, params: dict[str, Any] | None, resume: bool, start_time: 
         best = run.best
         summary.update({
             "mlflow_run_id": run.run_id, "tracking_uri": run.tracker.uri if cfg.mlflow else None,
+            "mlflow_run_url": run.tracker.ui_link() if cfg.mlflow else None,
             "steps": step, "fold": cfg.fold, "best_val_mean_dice": best if best >= 0 else None,
             "wall_time_s": round(time.time() - start_time, 1), "resumed": bool(resume),
             "world_size": run.dist.world, "device": str(run.device),
@@ -806,15 +807,17 @@ def _run(args: argparse.Namespace) -> int:
     if args.dry_run:
         return dry_run(p, num_classes=args.num_classes, in_channels=args.in_channels)
     out = p.train.out
+    resume = args.resume or (args.resume_if_present and (Path(out) / "checkpoint_last.pt").is_file())
     summary = train(args.preprocessed or p.preprocess.out, out, p.model.config_kwargs(), p.train, loss=p.loss,
-                    resume=args.resume, params=p.to_dict(), raw_dir=args.raw or p.data.out,
+                    resume=resume, params=p.to_dict(), raw_dir=args.raw or p.data.out,
                     tracking=args.tracking_uri, progress=not args.no_progress)
     if "steps" in summary:
         best = summary.get("best_val_mean_dice")
         print(f"trained {summary['steps']} steps in {summary['wall_time_s']} s; best validation mean Dice "
               f"{best if best is None else round(best, 4)}; training directory {out} (log: {Path(out) / LOG_NAME})")
         if summary.get("mlflow_run_id"):
-            print(f"MLflow run {summary['mlflow_run_id']} at {summary.get('tracking_uri')}")
+            print(f"MLflow run {summary['mlflow_run_id']} at {summary.get('tracking_uri')}; open it with "
+                  f"{summary.get('mlflow_run_url')}")
     return 0
 
 
@@ -915,6 +918,9 @@ def register_cli(subparsers) -> None:
     p.add_argument("--out", help="training directory to write (default: train.out)")
     p.add_argument("--fold", type=int, help="cross-validation fold of splits.json to train on")
     p.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoint_last.pt")
+    p.add_argument("--resume-if-present", action="store_true",
+                   help="continue from OUT/checkpoint_last.pt when it is there, else start from step 0 "
+                   "(for pods a cluster may restart with the same command, e.g. a TrainJob's nodes)")
     p.add_argument("--steps", type=int, help="number of optimiser steps")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--precision", choices=PRECISIONS, help="mixed precision (auto: bf16/fp16 on CUDA, fp32 on CPU)")

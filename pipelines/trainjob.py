@@ -17,8 +17,8 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -128,11 +128,6 @@ TRAINJOB_SCHEMA: dict[str, Any] = {
         },
     },
 }
-
-
-def job_name(prefix: str = "masksam-train") -> str:
-    """A fresh RFC 1035 name (the CRD's rule), at most 63 characters."""
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"[:63]
 
 
 def train_command(params: str, data_dir: str, out_dir: str, raw_dir: str | None = None,
@@ -267,20 +262,60 @@ def trainjob_state(obj: dict[str, Any]) -> tuple[str | None, str]:
     return None, ""
 
 
+def _get(api: Any, namespace: str, name: str) -> dict[str, Any] | None:
+    """The TrainJob ``name``, or None when the API server has none (HTTP 404)."""
+    try:
+        return api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    except Exception as exc:
+        if getattr(exc, "status", None) == 404:
+            return None
+        raise
+
+
+def _delete_and_wait(api: Any, namespace: str, name: str, poll_s: float, sleep: Callable[[float], None],
+                     timeout_s: float = 600) -> None:
+    api.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    waited = 0.0
+    while _get(api, namespace, name) is not None:
+        if waited >= timeout_s:
+            raise RuntimeError(f"TrainJob {namespace}/{name} still there {timeout_s:.0f} s after deleting it")
+        sleep(poll_s)
+        waited += poll_s
+
+
 def create_and_wait(
     manifest: dict[str, Any],
     api: Any = None,
     timeout_s: float = 7 * 24 * 3600,
     poll_s: float = 30.0,
     sleep: Callable[[float], None] = time.sleep,
+    reuse_complete: bool = False,
 ) -> dict[str, Any]:
-    """Validate, create the TrainJob and wait until it completes; a failure raises with its reason."""
+    """Validate, create the TrainJob and wait until it completes; a failure raises with its reason.
+
+    The launcher's pod can be restarted while its job trains: a TrainJob of the same name (the
+    name is the training's key) still running is waited on, not started twice. One that failed
+    is deleted and created again (its command resumes from the checkpoint on the volume); one
+    that completed is reused when ``reuse_complete`` (its output is still on the volume), else
+    replaced.
+    """
     validate_trainjob(manifest)
     api = api or custom_objects_api()
     name = manifest["metadata"]["name"]
     namespace = manifest["metadata"].get("namespace") or in_cluster_namespace()
-    api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, manifest)
-    log.info("created TrainJob %s/%s", namespace, name)
+    existing = _get(api, namespace, name)
+    if existing is not None:
+        state, message = trainjob_state(existing)
+        if state is None or (state == "Complete" and reuse_complete):
+            log.info("TrainJob %s/%s is already there (%s): waiting on it instead of starting another",
+                     namespace, name, "complete" if state else "running")
+        else:
+            log.info("TrainJob %s/%s %s before (%s): replacing it", namespace, name, state.lower(), message)
+            _delete_and_wait(api, namespace, name, poll_s, sleep)
+            existing = None
+    if existing is None:
+        api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, manifest)
+        log.info("created TrainJob %s/%s", namespace, name)
     waited = 0.0
     while True:
         obj = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
@@ -290,7 +325,8 @@ def create_and_wait(
             return obj
         if state == "Failed":
             raise RuntimeError(f"TrainJob {namespace}/{name} failed: {message} "
-                               f"(kubectl -n {namespace} describe trainjob {name})")
+                               f"(kubectl -n {namespace} describe trainjob {name}); running the pipeline "
+                               "again resumes from its last checkpoint on the volume")
         if waited >= timeout_s:
             raise RuntimeError(f"TrainJob {namespace}/{name} not complete after {timeout_s:.0f} s")
         sleep(poll_s)
@@ -320,27 +356,50 @@ def run_trainjob_step(
     """The pipeline's train task in TrainJob mode: stage data on the PVC, run the job, collect the model."""
     from masksam.pipelines import steps
 
-    run_dir = Path(workspace) / job_name("run")
+    with tempfile.TemporaryDirectory() as tmp:
+        params_text = steps.write_params(params_json, overrides, tmp).read_text()
+    # one training, one name: a restarted launcher finds its staged data, its checkpoints and its
+    # job again (the same key as the single-node step's checkpoint folder)
+    key = steps.training_key(params_text + "\0" + (steps.raw_dir_identity(raw_dir) if raw_dir else ""), data_dir)
+    run_dir = Path(workspace) / f"masksam-{key}"
     staged_data, staged_out = run_dir / "preprocessed", run_dir / "train"
-    shutil.copytree(data_dir, staged_data)
+    _stage(Path(data_dir), staged_data, shutil.copytree)
     staged_raw = None
     if raw_dir:  # train records the raw dataset's identity: its manifest and dataset.json suffice
         staged_raw = run_dir / "raw"
-        staged_raw.mkdir()
-        for name in ("manifest.json", "dataset.json"):
-            shutil.copy2(Path(raw_dir) / name, staged_raw / name)
-    params = steps.write_params(params_json, overrides, run_dir)
+        _stage(Path(raw_dir), staged_raw, _copy_identity)
+    params = run_dir / "params.yaml"
+    params.write_text(params_text)
+    done_before = (staged_out / "train_summary.json").is_file()
     manifest = render_trainjob(
-        name=job_name(), image=image, command=train_command(str(params), str(staged_data), str(staged_out),
-                                                          str(staged_raw) if staged_raw else None),
+        name=f"masksam-train-{key}", image=image,
+        command=train_command(str(params), str(staged_data), str(staged_out), str(staged_raw) if staged_raw else None,
+                              extra=["--resume-if-present"]),
         num_nodes=num_nodes, gpus_per_node=gpus_per_node, runtime=runtime, pvc_name=pvc_name,
         mount_path=workspace, mlflow_secret=mlflow_secret or None,
         mlflow_secret_keys=[k for k in mlflow_secret_keys.split(",") if k],
     )
-    create_and_wait(manifest, api=api, poll_s=poll_s, sleep=sleep)
-    shutil.copytree(staged_out, model_dir)
+    create_and_wait(manifest, api=api, poll_s=poll_s, sleep=sleep, reuse_complete=done_before)
+    shutil.copytree(staged_out, model_dir, ignore=shutil.ignore_patterns(*steps.RESUME_ONLY, ".masksam-*"))
     summary = steps.read_train_summary(model_dir)
     summary["trainjob"] = manifest["metadata"]["name"]
     Path(report_path).write_text(steps.train_report_html(model_dir, summary))
     shutil.rmtree(run_dir, ignore_errors=True)
     return summary
+
+
+def _copy_identity(src: Path, dst: Path) -> None:
+    dst.mkdir()
+    for name in ("manifest.json", "dataset.json"):
+        shutil.copy2(src / name, dst / name)
+
+
+def _stage(src: Path, dst: Path, copy: Callable[[Path, Path], Any]) -> None:
+    """Copy ``src`` to ``dst`` on the volume once: a copy a restarted launcher finished is kept,
+    one it left half-done is made again (written beside, then renamed)."""
+    if dst.is_dir():
+        return
+    partial = dst.with_name(dst.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    copy(src, partial)
+    partial.rename(dst)

@@ -167,9 +167,21 @@ def test_resume_after_interruption_matches_uninterrupted_run(preprocessed, tmp_p
         train(preprocessed, tmp_path / "run", TINY_MODEL, cfg, loss=TINY_LOSS, progress=False)
     monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
     assert torch.load(tmp_path / "run" / "checkpoint_last.pt", weights_only=True)["step"] == 1
+    shutil.copytree(tmp_path / "run", tmp_path / "restarted")
     resumed = train(preprocessed, tmp_path / "run", TINY_MODEL, cfg, resume=True, loss=TINY_LOSS, progress=False)
     assert resumed["steps"] == 2 and resumed["param_sha256"] == ref["param_sha256"]
     assert resumed["best_val_mean_dice"] == ref["best_val_mean_dice"]
+
+    # a pod restarted with the same command (a TrainJob node): --resume-if-present continues from
+    # the checkpoint it finds, and starts from step 0 where there is none
+    from masksam.cli import main
+
+    for out, resumed_expected in ((tmp_path / "restarted", True), (tmp_path / "fresh", False)):
+        params = _params_file(tmp_path, preprocessed, out, steps=2, val_every=1, checkpoint_every=1)
+        assert main(["train", "--params", str(params), "--resume-if-present", "--no-progress"]) == 0
+        summary = json.loads((out / "train_summary.json").read_text())
+        assert summary["resumed"] is resumed_expected
+        assert summary["param_sha256"] == ref["param_sha256"]
 
 
 # heavy (make test-heavy), not in CI's 30 minutes: the fast suite's in-process interruption test

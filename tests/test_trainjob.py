@@ -82,30 +82,70 @@ def test_render_refuses_zero_nodes():
         _manifest(num_nodes=0)
 
 
-def test_job_names_are_fresh_dns_labels():
-    names = {trainjob.job_name() for _ in range(20)}
-    assert len(names) == 20
-    for n in names:
-        trainjob.validate_trainjob(_manifest(name=n))
+class NotFound(Exception):
+    """What kubernetes.client raises for a missing object (an ApiException with status 404)."""
+
+    status = 404
 
 
 class FakeCustomObjects:
-    """Records create calls; reports Running then the given final condition."""
+    """Records create and delete calls; reports Running then the given final condition."""
 
     def __init__(self, final: str, reason: str = ""):
-        self.final, self.reason, self.created, self.polls = final, reason, [], 0
+        self.final, self.reason, self.created, self.deleted, self.polls = final, reason, [], [], 0
+        self.objects: dict[str, dict] = {}
 
     def create_namespaced_custom_object(self, group, version, namespace, plural, body):
         self.created.append((group, version, namespace, plural, body))
+        self.objects[body["metadata"]["name"]] = body
         return body
 
+    def delete_namespaced_custom_object(self, group, version, namespace, plural, name):
+        self.deleted.append(name)
+        del self.objects[name]
+
     def get_namespaced_custom_object(self, group, version, namespace, plural, name):
+        if name not in self.objects:
+            raise NotFound(name)
+        body = self.objects[name]
+        if "status" in body:  # an object that was there before this launcher ran
+            return body
         self.polls += 1
-        body = self.created[-1][4]
         if self.polls < 3:
             return {**body, "status": {"conditions": [{"type": "Suspended", "status": "False"}]}}
         return {**body, "status": {"conditions": [
             {"type": self.final, "status": "True", "reason": self.reason, "message": "done"}]}}
+
+
+def _left_behind(api: FakeCustomObjects, condition: str | None) -> None:
+    """A TrainJob of _manifest()'s name that an earlier launcher created: running (None), failed or done."""
+    body = _manifest()
+    if condition is None:
+        api.objects[body["metadata"]["name"]] = body  # no status yet: running, then completes
+    else:
+        api.objects[body["metadata"]["name"]] = {**body, "status": {"conditions": [
+            {"type": condition, "status": "True", "reason": "Before", "message": ""}]}}
+
+
+def test_a_running_job_is_waited_on_not_started_twice():
+    api = FakeCustomObjects("Complete")
+    _left_behind(api, None)
+    obj = trainjob.create_and_wait(_manifest(), api=api, poll_s=1, sleep=lambda s: None)
+    assert trainjob.trainjob_state(obj)[0] == "Complete"
+    assert api.created == [] and api.deleted == []
+
+
+@pytest.mark.parametrize("condition, reuse, replaced", [
+    ("Failed", False, True), ("Failed", True, True),       # a failed job runs again (it resumes)
+    ("Complete", True, False),                             # its output is still there: reused
+    ("Complete", False, True),                             # its output is gone: trained again
+])
+def test_a_job_left_by_an_earlier_launcher(condition, reuse, replaced):
+    api = FakeCustomObjects("Complete")
+    _left_behind(api, condition)
+    obj = trainjob.create_and_wait(_manifest(), api=api, poll_s=1, sleep=lambda s: None, reuse_complete=reuse)
+    assert trainjob.trainjob_state(obj)[0] == "Complete"
+    assert (api.deleted == ["masksam-train-abc"]) is replaced and (len(api.created) == 1) is replaced
 
 
 def test_create_and_wait_until_complete():
@@ -170,3 +210,42 @@ def test_trainjob_step_stages_data_and_collects_the_model(tmp_path):
     assert list(workspace.iterdir()) == []   # staging removed
     body = api.created[0][4]
     assert body["spec"]["trainer"]["numNodes"] == 2 and "env" not in body["spec"]["trainer"]
+    assert "--resume-if-present" in body["spec"]["trainer"]["command"]  # a restarted node resumes
+
+
+def test_a_restarted_launcher_finds_its_job_data_and_checkpoints_again(tmp_path):
+    """The launcher pod dies while its TrainJob trains; the retried task computes the same
+    training key, keeps the staged data, waits on the same job and collects its output (the
+    resume-only checkpoints stay on the volume's copy, not in the Model artifact)."""
+    data = tmp_path / "pre"
+    (data / "cases").mkdir(parents=True)
+    (data / "plan.json").write_text("{}")
+    workspace = tmp_path / "pvc"
+    workspace.mkdir()
+
+    class Api(FakeCustomObjects):
+        def create_namespaced_custom_object(self, group, version, namespace, plural, body):
+            cmd = body["spec"]["trainer"]["command"]
+            out = tmp_path / cmd[cmd.index("--out") + 1]
+            out.mkdir(parents=True)
+            (out / "train_summary.json").write_text(json.dumps({"steps": 3}))
+            (out / "checkpoint_last.pt").write_bytes(b"state")
+            return super().create_namespaced_custom_object(group, version, namespace, plural, body)
+
+    def killed(_s):
+        raise KeyboardInterrupt("launcher pod evicted")
+
+    api = Api("Complete")
+    step = dict(data_dir=str(data), model_dir=str(tmp_path / "model"), params_json="train: {steps: 3}\n",
+                overrides="{}", image="img:1", num_nodes=2, gpus_per_node=8, pvc_name="ws",
+                runtime="torch-distributed", mlflow_secret="", mlflow_secret_keys="MLFLOW_TRACKING_URI",
+                report_path=str(tmp_path / "report.html"), workspace=str(workspace), api=api, poll_s=1)
+    with pytest.raises(KeyboardInterrupt):
+        trainjob.run_trainjob_step(**step, sleep=killed)
+    (staged,) = workspace.iterdir()
+    assert (staged / "preprocessed" / "plan.json").is_file() and len(api.created) == 1
+    summary = trainjob.run_trainjob_step(**step, sleep=lambda s: None)
+    assert len(api.created) == 1 and api.deleted == []  # the same job, waited on
+    assert summary["trainjob"] == api.created[0][4]["metadata"]["name"] == f"masksam-train-{staged.name[8:]}"
+    assert not (tmp_path / "model" / "checkpoint_last.pt").exists()
+    assert list(workspace.iterdir()) == []
