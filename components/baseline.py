@@ -12,7 +12,9 @@ preprocess``), and scores its test predictions with the project's own evaluator,
 2. MaskSAM's folds written as nnU-Net's ``splits_final.json``; the stock ``nnUNetTrainer`` made by
    nnU-Net's ``get_trainer_from_args``, its ``num_epochs``, ``num_iterations_per_epoch`` (and
    ``num_val_iterations_per_epoch``, nnU-Net's 1/5 of it) set from the ``baseline:`` params
-   before ``run_training()`` and ``perform_actual_validation()``. The stock class keeps its name,
+   before ``run_training()`` and ``perform_actual_validation()`` (nnU-Net's validation of the
+   fold, which ``nnUNetv2_train`` always runs; ``baseline.validate: false`` skips it, since the
+   comparison scores the test set only and it costs minutes per case on a CPU). The stock class keeps its name,
    so nnU-Net's predictor (and ``nnUNetv2_predict`` on the kept results folder) finds it; the
    length actually trained is in nnU-Net's own ``debug.json`` and in ``baseline.json``;
 3. ``nnUNetPredictor`` on the raw test scans, written in their raw geometry, with the same
@@ -190,7 +192,8 @@ def _train_worker(cfg: Mapping[str, Any]) -> None:
     trainer.num_iterations_per_epoch = cfg["iterations_per_epoch"]
     trainer.num_val_iterations_per_epoch = max(1, cfg["iterations_per_epoch"] // 5)
     trainer.run_training()
-    trainer.perform_actual_validation(False)
+    if cfg.get("validate", True):
+        trainer.perform_actual_validation(False)
 
 
 def _predict_worker(cfg: Mapping[str, Any]) -> None:
@@ -215,7 +218,7 @@ def run_baseline(raw_dir: str | os.PathLike, preprocessed_dir: str | os.PathLike
                  fold: int = 0, configuration: str = "3d_fullres", epochs: int = 1, iterations_per_epoch: int = 5,
                  device: str = "auto", mirror: bool = False, overlap: float = 0.5, tolerance_mm: float = 2.0,
                  hd_convention: str = "medpy", progress: bool = True, force: bool = False,
-                 mlflow_log: bool = False, experiment: str = "masksam") -> dict[str, Any]:
+                 mlflow_log: bool = False, experiment: str = "masksam", validate: bool = True) -> dict[str, Any]:
     """Train nnU-Net v2 on fold ``fold`` of MaskSAM's split, predict its test cases, score them.
 
     Returns the evaluator's summary (also ``out_dir/summary.json``). ``out_dir`` may replace only
@@ -251,7 +254,7 @@ def run_baseline(raw_dir: str | os.PathLike, preprocessed_dir: str | os.PathLike
     log.info("nnU-Net: train fold %d (%d train, %d val cases) for %d epochs x %d iterations on %s", fold,
              len(folds[fold]["train"]), len(folds[fold]["val"]), epochs, iterations_per_epoch, device)
     train_cfg = {"configuration": configuration, "fold": fold, "device": device_type, "epochs": epochs,
-                 "iterations_per_epoch": iterations_per_epoch}
+                 "iterations_per_epoch": iterations_per_epoch, "validate": validate}
     seconds["train"] = run_phase("train", _worker_argv("train", train_cfg), env, out / "logs", progress)
     model_folder = work / "nnUNet_results" / DATASET_NAME / f"{TRAINER}__{PLANS}__{configuration}"
     log.info("nnU-Net: predict %d test cases", len(test))
@@ -263,7 +266,7 @@ def run_baseline(raw_dir: str | os.PathLike, preprocessed_dir: str | os.PathLike
     settings = {"nnunetv2": version, "dataset": DATASET_NAME, "configuration": configuration, "trainer": TRAINER,
                 "plans": PLANS, "fold": fold, "epochs": epochs, "iterations_per_epoch": iterations_per_epoch,
                 "num_val_iterations_per_epoch": max(1, iterations_per_epoch // 5), "device": device,
-                "mirror": mirror, "tile_step_size": 1.0 - overlap, "train_cases": folds[fold]["train"],
+                "validate": validate, "mirror": mirror, "tile_step_size": 1.0 - overlap, "train_cases": folds[fold]["train"],
                 "val_cases": folds[fold]["val"], "test_cases": test, "seconds": seconds,
                 "model_folder": str(model_folder)}
     write_json(out / "baseline.json", settings)
@@ -355,7 +358,7 @@ def _run_cli(args: argparse.Namespace) -> int:
         device=pick(args.device, bp.device), mirror=pick(args.mirror, params.evaluate.mirror),
         overlap=params.evaluate.overlap, tolerance_mm=params.evaluate.nsd_tolerance_mm,
         hd_convention=params.evaluate.hd_convention, progress=not args.no_progress, force=args.force,
-        mlflow_log=args.mlflow, experiment=params.train.experiment)
+        mlflow_log=args.mlflow, experiment=params.train.experiment, validate=pick(args.validate, bp.validate))
     fm, secs = summary["foreground_mean"], summary["baseline"]["seconds"]
     print(f"nnU-Net baseline, {summary['n_cases']} test cases: foreground mean Dice {fm['Dice']:.4f}, "
           f"HD95 {fm['HD95']:.2f} mm, NSD {fm['NSD']:.4f}; trained in {secs['train']:.0f} s; wrote {out}")
@@ -386,6 +389,10 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--iterations-per-epoch", type=int, default=None, metavar="N",
                    help="training iterations per epoch (nnU-Net's default 250; default: baseline.iterations_per_epoch)")
     p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: baseline.device)")
+    p.add_argument("--validate", action=argparse.BooleanOptionalAction, default=None,
+                   help="after training, nnU-Net's own validation of the fold (its validation/ folder, as "
+                   "nnUNetv2_train does; minutes per case on a CPU, not used by the comparison; default: "
+                   "baseline.validate)")
     p.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=None,
                    help="test-time mirroring (default: evaluate.mirror, the same as MaskSAM's evaluation)")
     p.add_argument("--no-progress", action="store_true", help="nnU-Net's output only into OUT/logs/*.log")

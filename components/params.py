@@ -343,6 +343,7 @@ class BaselineParams:
     epochs: int = 1
     iterations_per_epoch: int = 5
     device: str = "auto"
+    validate: bool = True
 
     def check(self, where: str) -> None:
         _at_least(self.epochs, 1, where, "baseline.epochs")

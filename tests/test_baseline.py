@@ -109,3 +109,27 @@ def test_help(capsys) -> None:
         main(["baseline", "--help"])
     assert exc.value.code == 0
     assert "usage: masksam baseline" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("validate", [True, False])
+def test_train_worker_runs_nnunets_validation_unless_switched_off(monkeypatch, validate) -> None:
+    """baseline.validate: nnUNetv2_train's validation of the fold after training, or not (the
+    comparison scores the test set only; on a CPU the validation costs minutes per case)."""
+    pytest.importorskip("nnunetv2")
+    import nnunetv2.run.run_training as rt
+
+    calls = []
+
+    class Trainer:
+        def run_training(self):
+            calls.append(("train", self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch))
+
+        def perform_actual_validation(self, save_probabilities):
+            calls.append(("validate", save_probabilities))
+
+    monkeypatch.setattr(rt, "get_trainer_from_args", lambda *a, **k: Trainer())
+    monkeypatch.setattr(B, "_torch_device", lambda device: device)
+    B._train_worker({"configuration": "3d_fullres", "fold": 0, "device": "cpu", "epochs": 2,
+                     "iterations_per_epoch": 10, "validate": validate})
+    assert calls[0] == ("train", 2, 10, 2)
+    assert (("validate", False) in calls) is validate
