@@ -268,15 +268,16 @@ def write_markdown(results: Mapping[str, Any], path: Path, name_a: str, name_b: 
         f"| class | metric | n | {name_a} | {name_b} | diff | 95% CI | p (Wilcoxon) |",
         "|---|---|---:|---:|---:|---:|---|---:|",
     ]
-    notes = []
+    notes: dict[str, list[str]] = {}  # one line per distinct reason, naming the rows it applies to
     for name, metric, n, ma, mb, d, lo, hi, p, _dropped, note in _rows(results):
         mark = " *" if note else ""
         lines.append(f"| {name} | {metric} | {n}{mark} | {_fmt(ma)} | {_fmt(mb)} | {_fmt(d)} | "
                      f"[{_fmt(lo)}, {_fmt(hi)}] | {_fmt(p, 3)} |")
         if note:
-            notes.append(f"- {name} {metric}: {note}")
+            notes.setdefault(note, []).append(f"{name} {metric}")
     if notes:
-        lines += ["", "\\* Where the Wilcoxon test cannot tell anything:", "", *notes]
+        lines += ["", "\\* Where the Wilcoxon test cannot tell anything:", "",
+                  *(f"- {', '.join(rows)}: {note}" for note, rows in notes.items())]
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     return path

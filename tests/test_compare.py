@@ -286,3 +286,17 @@ def test_comparison_is_logged_to_mlflow_and_linked_to_both_runs(tmp_path, monkey
     assert metrics["foreground_mean.Dice.diff"] == pytest.approx(results[C.FOREGROUND]["Dice"]["diff"])
     artifacts = {f.path for f in client.list_artifacts(compare_run.info.run_id)}
     assert {"compare.md", "paired.png", "compare.json"} <= artifacts
+
+
+def test_markdown_names_each_small_n_reason_once(tmp_path) -> None:
+    """Five cases: every row gets the same warning; it is written once, naming the rows."""
+    stat = {"n": 5, "mean_a": 0.7, "mean_b": 0.5, "diff": 0.2, "ci95": [0.1, 0.3], "p_wilcoxon": 0.0625,
+            "n_dropped": 0, "note": C.small_n_note(5, 5)}
+    results = {name: {m: dict(stat) for m in C.COMPARED_METRICS} for name in ("foreground_mean", "liver")}
+    results["liver"]["NSD"]["note"] = C.small_n_note(5, 0)
+    md = C.write_markdown(results, tmp_path / "compare.md", "a", "b", 5, 100, 0).read_text()
+    warnings = [line for line in md.splitlines() if line.startswith("- ")]
+    assert len(warnings) == 2, md
+    assert warnings[0].startswith("- foreground_mean Dice, foreground_mean HD95, foreground_mean NSD, liver Dice, "
+                                  "liver HD95: only 5 non-zero")
+    assert warnings[1] == f"- liver NSD: {C.small_n_note(5, 0)}"
