@@ -78,6 +78,18 @@ def seconds_per_iteration(baseline_out: Path, iterations: int) -> float:
     return sum(epochs) / len(epochs) / iterations
 
 
+def fit_budget(budget_s: float, s_iter: float, per_epoch: int) -> tuple[int, int]:
+    """(epochs, iterations per epoch) whose training iterations fit ``budget_s``: whole epochs of
+    ``per_epoch`` iterations, or, when not even one fits (nnU-Net's full-size 3D U-Net on a CPU),
+    one shorter epoch of the iterations that do (at least one), said so on stdout."""
+    fit = math.floor(budget_s / s_iter)
+    if fit >= per_epoch:
+        return fit // per_epoch, per_epoch
+    print(f"one epoch of {per_epoch} iterations ({per_epoch * s_iter:.0f} s) does not fit the budget: "
+          f"one epoch of {max(fit, 1)} iterations", flush=True)
+    return 1, max(fit, 1)
+
+
 def main() -> int:
     from masksam.components.baseline import run_baseline
     from masksam.components.compare import compare
@@ -93,37 +105,43 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--calibrate-iterations", type=int, default=10)
     ap.add_argument("--iterations-per-epoch", type=int, default=50)
+    ap.add_argument("--seconds-per-iteration", type=float,
+                    help="nnU-Net's seconds per training iteration measured before (skips the calibration run)")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     params = load_params(REPO / "params.yaml")
     ev = params.evaluate
     common = dict(fold=params.train.fold, configuration=params.baseline.configuration, device=args.device,
                   mirror=ev.mirror, overlap=ev.overlap, tolerance_mm=ev.nsd_tolerance_mm,
-                  hd_convention=ev.hd_convention, progress=False, force=True)
+                  hd_convention=ev.hd_convention, progress=False, force=True,
+                  validate=False)  # nnU-Net's fold validation: not part of the comparison, ~5 min/case on CPU
     raw, pre, data_s = demo_data(args.work, args.raw, args.preprocessed)
     eval_dir, masksam_times = masksam_eval(args.work, raw, pre, args.masksam_eval, args.run_masksam)
     budget = args.budget_s or masksam_times.get("train_wall_time_s")
     if not budget:
         raise SystemExit("no MaskSAM training time found next to the evaluation: pass --budget-s")
 
-    calib = run_baseline(raw, pre, args.work / "nnunet_calibration", epochs=1,
-                         iterations_per_epoch=args.calibrate_iterations, **common)
-    s_iter = seconds_per_iteration(args.work / "nnunet_calibration", args.calibrate_iterations)
-    epochs = max(1, math.floor(budget / (args.iterations_per_epoch * s_iter)))
+    calibration = args.work / "nnunet_calibration"
+    calib = None
+    if args.seconds_per_iteration:
+        s_iter = args.seconds_per_iteration
+    else:
+        calib = run_baseline(raw, pre, calibration, epochs=1, iterations_per_epoch=args.calibrate_iterations, **common)
+        s_iter = seconds_per_iteration(calibration, args.calibrate_iterations)
+    epochs, per_epoch = fit_budget(budget, s_iter, args.iterations_per_epoch)
     print(f"budget {budget:.0f} s; nnU-Net {s_iter:.3f} s/iteration -> {epochs} epochs x "
-          f"{args.iterations_per_epoch} iterations", flush=True)
+          f"{per_epoch} iterations", flush=True)
     start = time.monotonic()
-    summary = run_baseline(raw, pre, args.work / "nnunet", epochs=epochs,
-                           iterations_per_epoch=args.iterations_per_epoch, **common)
+    summary = run_baseline(raw, pre, args.work / "nnunet", epochs=epochs, iterations_per_epoch=per_epoch, **common)
     baseline_wall = time.monotonic() - start
     results = compare(eval_dir / "summary.json", args.work / "nnunet" / "summary.json", args.work / "compare",
                       names=["MaskSAM", "nnU-Net"], resamples=params.compare.bootstrap, seed=params.compare.seed)
     report = {
         "device": args.device, "budget_s": budget, "masksam": masksam_times, "data_s": data_s,
         "nnunet_seconds_per_iteration": s_iter, "nnunet_epochs": epochs,
-        "nnunet_iterations_per_epoch": args.iterations_per_epoch,
+        "nnunet_iterations_per_epoch": per_epoch,
         "nnunet_phase_seconds": summary["baseline"]["seconds"], "nnunet_baseline_wall_s": baseline_wall,
-        "nnunet_calibration_foreground_dice": calib["foreground_mean"]["Dice"],
+        "nnunet_calibration_foreground_dice": calib["foreground_mean"]["Dice"] if calib else None,
         "foreground_mean": results["foreground_mean"],
     }
     (args.work / "compare_demo.json").write_text(json.dumps(report, indent=2) + "\n")
