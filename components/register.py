@@ -335,8 +335,7 @@ def model_card(plan: dict[str, Any], evaluation: dict[str, Any], tags: dict[str,
         f"`{tags.get('test_set_id', '')[:16]}`): mean Dice {_fmt(fm.get('Dice'))}, HD95 "
         f"{_fmt(fm.get('HD95'))} mm, NSD {_fmt(fm.get('NSD'))}.",
         "",
-        *rows,
-        "",
+        *((rows + [""]) if len(rows) > 2 else []),  # no per-class means recorded: no empty table
         f"**Lineage.** Training run `{tags.get('train_run_id')}`, logged from run `{run_id}`, git "
         f"`{tags.get('git_commit', 'unknown')[:12]}`, ONNX sha256 `{tags.get('onnx_sha256', '')[:16]}`.",
         "",

@@ -234,3 +234,16 @@ def test_register_refuses_a_score_of_another_model(tmp_path, train_dir, export_d
         (tmp_path / "eval.json").write_text(json.dumps(ev))
         with pytest.raises(UserError, match="must be the one evaluated"):
             register(train_dir, export_dir, tmp_path / "eval.json")
+
+
+def test_model_card_has_a_table_only_with_per_class_means():
+    from masksam.components.register import model_card
+
+    plan = {"labels": {"background": 0, "liver": 1}, "channel_names": {"0": "CT"}, "target_spacing_xyz": [1, 1, 2]}
+    tags = {"data.dataset_sha256": "d" * 64, "test_set_id": "t" * 64, "train_run_id": "r", "onnx_sha256": "o" * 64}
+    ev = {"n_cases": 2, "foreground_mean": {"Dice": 0.7, "HD95": 3.0, "NSD": 0.8},
+          "mean": {"1": {"Dice": 0.7, "HD95": 3.0, "NSD": 0.8}}, "labels": {"1": "liver"}}
+    card = model_card(plan, ev, tags, "r")
+    assert "| liver | 0.700 | 3.000 | 0.800 |" in card and "content hash `dddddddddddddddd`" in card
+    assert "\n\n**Lineage.**" in card  # a blank line ends the table before the next paragraph
+    assert "| structure |" not in model_card(plan, {**ev, "mean": {}}, tags, "r")
