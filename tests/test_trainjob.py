@@ -178,13 +178,19 @@ def test_invalid_manifest_is_never_sent():
     assert api.created == []
 
 
-def test_trainjob_step_stages_data_and_collects_the_model(tmp_path):
-    """The launcher: data copied to the shared volume, job created, checkpoint copied back."""
+def _preprocessed_and_volume(tmp_path):
+    """A minimal preprocessed folder and an empty folder standing for the shared claim."""
     data = tmp_path / "pre"
     (data / "cases").mkdir(parents=True)
     (data / "plan.json").write_text("{}")
     workspace = tmp_path / "pvc"
     workspace.mkdir()
+    return data, workspace
+
+
+def test_trainjob_step_stages_data_and_collects_the_model(tmp_path):
+    """The launcher: data copied to the shared volume, job created, checkpoint copied back."""
+    data, workspace = _preprocessed_and_volume(tmp_path)
 
     class Api(FakeCustomObjects):
         def create_namespaced_custom_object(self, group, version, namespace, plural, body):
@@ -217,11 +223,7 @@ def test_a_restarted_launcher_finds_its_job_data_and_checkpoints_again(tmp_path)
     """The launcher pod dies while its TrainJob trains; the retried task computes the same
     training key, keeps the staged data, waits on the same job and collects its output (the
     resume-only checkpoints stay on the volume's copy, not in the Model artifact)."""
-    data = tmp_path / "pre"
-    (data / "cases").mkdir(parents=True)
-    (data / "plan.json").write_text("{}")
-    workspace = tmp_path / "pvc"
-    workspace.mkdir()
+    data, workspace = _preprocessed_and_volume(tmp_path)
 
     class Api(FakeCustomObjects):
         def create_namespaced_custom_object(self, group, version, namespace, plural, body):
