@@ -27,7 +27,7 @@ test-fast: setup
 	$(BIN)/pytest -m "not slow and not gpu and not heavy"
 
 test-slow: setup
-	$(BIN)/pytest -m "slow and not gpu and not heavy"
+	$(BIN)/pytest -m "slow and not gpu and not heavy" --durations=12
 
 # Full-size forwards of the paper configurations other than AMOS (minutes each; not in CI).
 test-heavy: setup
