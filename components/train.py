@@ -386,6 +386,7 @@ class _Run:
     best: float = -1.0
     history: list[dict[str, float]] = field(default_factory=list)
     run_id: str | None = None
+    run_url: str | None = None  # where the MLflow UI shows the run (asked once, at start)
     last_val_labels: list[np.ndarray] = field(default_factory=list)
 
     def save(self, kind: str) -> None:
@@ -568,7 +569,8 @@ def _start_tracking(run: _Run, params: dict[str, Any] | None, raw_dir: str | os.
         try:
             run.run_id = run.tracker.start(f"train-fold{cfg.fold}", tags, run_id=run.run_id)
             if run.run_id:
-                log.info("MLflow run %s (experiment %s): %s", run.run_id, cfg.experiment, run.tracker.ui_link())
+                run.run_url = run.tracker.ui_link()
+                log.info("MLflow run %s (experiment %s): %s", run.run_id, cfg.experiment, run.run_url)
             run.tracker.log_params({**flatten(used), **flatten(derived, "run.")})
             if new_run:
                 run.tracker.log_dataset(raw_dir)
@@ -705,7 +707,7 @@ def _finish(run: _Run, params: dict[str, Any] | None, resume: bool, start_time: 
         best = run.best
         summary.update({
             "mlflow_run_id": run.run_id, "tracking_uri": run.tracker.uri if cfg.mlflow else None,
-            "mlflow_run_url": run.tracker.ui_link() if cfg.mlflow else None,
+            "mlflow_run_url": run.run_url,
             "steps": step, "fold": cfg.fold, "best_val_mean_dice": best if best >= 0 else None,
             "wall_time_s": round(time.time() - start_time, 1), "resumed": bool(resume),
             "world_size": run.dist.world, "device": str(run.device),

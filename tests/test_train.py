@@ -88,6 +88,7 @@ def test_train_writes_training_dir_and_mlflow_run(preprocessed, tmp_path, monkey
     assert 0.0 <= ckpt["best_metric"] <= 1.0
     disk = json.loads((out / "train_summary.json").read_text())
     assert disk["steps"] == 3 and disk["mlflow_run_id"] == summary["mlflow_run_id"]
+    assert disk["mlflow_run_url"].endswith(f"/runs/{summary['mlflow_run_id']}?workflowType=machine_learning")
 
     # The prediction side reads the directory back with the contract's loader (strict, hashed).
     from masksam.components._loading import build_model_from_dir
